@@ -1,0 +1,337 @@
+"""Benchmark the training step: the fast path (bf16 autocast, torch.compile, kernels.py's fused ops, compiled AdamW)
+against the plain model, then KV-cache generation against recomputing the prefix, then the tokenizer.
+
+    python bench.py                                   # the TinyStories model at batch 128 on CUDA
+    python bench.py --device=cpu --tiny               # a small model on CPU, in seconds
+    python bench.py --paths=fast --compile_mode=reduce-overhead   # the fast path with CUDA graphs
+    python bench.py --help                            # every key
+
+Random tokens; each path gets a fresh model from the same seed, `burn_in` untimed steps (compilation happens there),
+then `steps` timed steps bracketed by synchronize (nanoGPT bench.py). On CUDA it first checks every kernel against
+its reference at the model's shapes, since Triton's CPU interpreter cannot run bf16 matmuls. The last stdout line is
+one JSON object with every figure.
+"""
+import json
+import sys
+import time
+import traceback
+
+import torch
+
+import kernels
+import sample
+import train
+from model import MODEL_KEYS, TransformerLM
+from optim import AdamW, clip_grad_norm
+
+DEFAULTS = {
+    **{key: train.DEFAULTS[key] for key in MODEL_KEYS},  # the TinyStories model (train.py's defaults)
+    **{key: train.DEFAULTS[key] for key in ("batch_size", "lr", "betas", "eps", "weight_decay", "grad_clip", "z_loss",
+                                            "seed")},
+    "device": "cuda",  # 'cuda' | 'cuda:1' | 'cpu'
+    "tiny": False,  # a 2-layer, 64-wide model at batch 4 with few steps and no compile: a smoke test in seconds
+    "paths": "fast,fast_attn_ce,compiled,reference",  # training paths to time, in order (see PATHS)
+    "burn_in": 10,  # untimed steps per path (torch.compile compiles here)
+    "steps": 40,  # timed steps per path
+    "compile_mode": "default",  # torch.compile mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
+    "check": True,  # on CUDA, check each kernel (and the model's fast loss) against the reference first
+    "generate_tokens": 200,  # tokens per generation timing (0 = skip); greedy, from a 16-token prompt
+    "tokenizer": True,  # time the tokenizer
+}
+TINY = dict(vocab_size=512, context_length=64, d_model=64, num_layers=2, num_heads=4, d_ff=None, batch_size=4,
+            burn_in=2, steps=3, generate_tokens=40)
+
+# How each training path runs: `compile` wraps model.loss (and, with the 'compiled' optimizer, clipping and AdamW);
+# `kernels` names the ops model.use_kernels routes through kernels.py; `optimizer` is 'compiled'
+# (kernels.adamw_step_compiled), 'foreach' or 'loop' (optim.AdamW).
+ALL_OPS = ("rmsnorm", "swiglu", "attention", "cross_entropy")
+PATHS = {
+    "fast": dict(bf16=True, compile=True, kernels=ALL_OPS, optimizer="compiled"),
+    "fast_attn_ce": dict(bf16=True, compile=True, kernels=("attention", "cross_entropy"), optimizer="compiled"),
+    "kernels": dict(bf16=True, compile=False, kernels=ALL_OPS, optimizer="compiled"),  # eager: the kernels alone
+    "compiled": dict(bf16=True, compile=True, kernels=(), optimizer="foreach"),  # train.py --compile=True today
+    "reference": dict(bf16=False, compile=False, kernels=(), optimizer="loop"),  # the plain model in float32
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def new_model(cfg: dict, device: torch.device) -> TransformerLM:
+    torch.manual_seed(cfg["seed"])
+    return TransformerLM(**{key: cfg[key] for key in MODEL_KEYS}, device=device)
+
+
+def use_kernels(model: TransformerLM, ops: tuple[str, ...]) -> tuple[str, ...]:
+    """Route ops through kernels.py if model.py offers the switch (say so when it does not); returns the ops on."""
+    if not ops:
+        return ()
+    if not hasattr(model, "use_kernels"):
+        print("  kernels: model.py has no use_kernels() switch yet; this path runs the reference ops")
+        return ()
+    model.use_kernels(ops)
+    return ops
+
+
+def compiled_adamw(groups: list[tuple[list[torch.Tensor], float]], cfg: dict, device: torch.device, compiled: bool):
+    """AdamW through kernels.adamw_step(_compiled): moments as tensor lists, t and lr as 0-D device tensors that
+    change in place, so the compiled step never recompiles. Returns step(lr)."""
+    adamw_step = kernels.adamw_step_compiled if compiled else kernels.adamw_step
+    state = [(params, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params], wd)
+             for params, wd in groups]
+    t, lr_t = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def step(lr: float) -> None:
+        t.add_(1)
+        lr_t.fill_(lr)
+        for params, exp_avgs, exp_avg_sqs, wd in state:
+            adamw_step(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, t, lr_t, *cfg["betas"], cfg["eps"], wd)
+
+    return step
+
+
+def make_optimizer(model: TransformerLM, cfg: dict, kind: str, device: torch.device, compiled: bool):
+    """step(lr) for the optimizer kind; matrices decay, norm gains do not (as in train.py)."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    gains = [p for p in model.parameters() if p.dim() < 2]
+    if kind == "compiled":
+        return compiled_adamw([(ps, wd) for ps, wd in ((matrices, cfg["weight_decay"]), (gains, 0.0)) if ps], cfg,
+                              device, compiled)
+    groups = [g for g in ({"params": matrices}, {"params": gains, "weight_decay": 0.0}) if g["params"]]
+    optimizer = AdamW(groups, lr=cfg["lr"], betas=cfg["betas"], eps=cfg["eps"], weight_decay=cfg["weight_decay"],
+                      foreach=kind == "foreach")
+
+    def step(lr: float) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+
+    return step
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """Peak allocated memory in GB (10^9 bytes, the peer's unit); None off CUDA."""
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
+
+
+def bench_training(cfg: dict, path: str, device: torch.device) -> dict:
+    """Time `steps` training steps (forward, backward, clip, AdamW) of one path on a fixed random batch."""
+    spec = PATHS[path]
+    if device.type == "cuda":  # peak over the whole path, compilation included, as the peer measures it
+        torch.cuda.reset_peak_memory_stats(device)
+    model = new_model(cfg, device)
+    kernels_on = use_kernels(model, spec["kernels"])
+    compiled = spec["compile"] and cfg["compile_enabled"]
+    loss_fn = torch.compile(model.loss, dynamic=False, mode=cfg["compile_mode"]) if compiled else model.loss
+    optimizer_step = make_optimizer(model, cfg, spec["optimizer"], device, compiled)
+    params = list(model.parameters())
+    compile_step = compiled and spec["optimizer"] == "compiled"
+    clip = torch.compile(clip_grad_norm, dynamic=False) if compile_step else clip_grad_norm
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"])
+    tokens = torch.randint(0, cfg["vocab_size"], (cfg["batch_size"], cfg["context_length"] + 1), device=device,
+                           generator=torch.Generator(device).manual_seed(cfg["seed"]))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> torch.Tensor:
+        with autocast:
+            ce, z = loss_fn(x, y)
+        (ce + cfg["z_loss"] * z if cfg["z_loss"] else ce).backward()
+        clip(params, cfg["grad_clip"] or float("inf"))
+        optimizer_step(cfg["lr"])
+        model.zero_grad(set_to_none=True)
+        return ce.detach()
+
+    first_loss = float(step())
+    for _ in range(cfg["burn_in"] - 1):
+        step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg["steps"]):
+        loss = step()
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / cfg["steps"]
+    tokens_per_s = cfg["batch_size"] * cfg["context_length"] / dt
+    mfu = tokens_per_s * cfg["train_flops_per_token"] / cfg["peak"] if cfg["peak"] else 0.0
+    return {"path": path, **spec, "kernels": ",".join(kernels_on), "compile": compiled,
+            "ms_per_step": round(1000 * dt, 2), "tokens_per_s": round(tokens_per_s), "mfu": round(mfu, 4),
+            "peak_mem_gb": peak_memory_gb(device), "first_loss": round(first_loss, 4),
+            "last_loss": round(float(loss), 4)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks on the device: each kernel, and the model's fast loss, against the reference (STYLE point 3)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _report(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float) -> bool:
+    """One `name OK maxdiff=...` line; passes when max |got - want| <= rtol * max |want|."""
+    diff, scale = (got.float() - want.float()).abs().max().item(), want.float().abs().max().item()
+    ok = diff <= rtol * max(scale, 1e-6)
+    print(f"  {name} {'OK' if ok else 'FAIL'} maxdiff={diff:.2e} (max |ref| {scale:.2e})")
+    return ok
+
+
+def _grads(fn, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Outputs of fn on fresh leaf copies of inputs, and the gradients of sum(out * fixed random weights)."""
+    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    upstream = torch.Generator(inputs[0].device).manual_seed(0)
+    total = sum((o.float() * torch.randn(o.shape, device=o.device, generator=upstream)).sum() for o in outs)
+    total.backward()
+    return list(outs), [x.grad for x in leaves if x.requires_grad]
+
+
+def check_kernels(cfg: dict, device: torch.device, batch: int = 8) -> bool:
+    """Each kernel in bf16 at the model's shapes (batch 8) against the reference on float32 copies of the inputs."""
+    print(f"checks on {device} (bf16 kernels vs float32 reference, max error relative to the largest reference value):")
+    g = torch.Generator(device).manual_seed(cfg["seed"])
+    T, d, H = cfg["context_length"], cfg["d_model"], cfg["num_heads"]
+    H_kv, d_head, d_ff = cfg["n_kv_heads"] or H, d // H, cfg["d_ff"] or 4 * d
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, generator=g).bfloat16()
+
+    model = new_model(cfg, device)
+    rope = model.layers[0].attn.rope
+    cos, sin = (rope.cos, rope.sin) if rope is not None else (None, None)
+    cases = {
+        "rmsnorm": (lambda x, w: kernels.rmsnorm(x, w), kernels.rmsnorm_reference,
+                    [randn(batch, T, d), torch.rand(d, device=device, generator=g) + 0.5]),
+        "swiglu": (kernels.swiglu, kernels.swiglu_reference, [randn(batch * T, d_ff), randn(batch * T, d_ff)]),
+        "attention": (lambda q, k, v: kernels.attention(q, k, v, True, cos, sin),
+                      lambda q, k, v: kernels.attention_reference(q, k, v, True, cos, sin),
+                      [randn(batch, H, T, d_head), randn(batch, H_kv, T, d_head), randn(batch, H_kv, T, d_head)]),
+    }
+    ok = True
+    for name, (fast, reference, inputs) in cases.items():
+        outs, grads = _grads(fast, inputs)
+        outs_ref, grads_ref = _grads(reference, [x.float() for x in inputs])
+        ok &= _report(f"{name} out", outs[0], outs_ref[0], 2e-2)
+        for i, (a, b) in enumerate(zip(grads, grads_ref)):
+            ok &= _report(f"{name} grad {i}", a, b, 3e-2)
+    h, w = randn(batch * T, d).float(), randn(cfg["vocab_size"], d).float() * 0.05
+    targets = torch.randint(0, cfg["vocab_size"], (batch * T,), device=device, generator=g)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        outs, grads = _grads(lambda h, w: kernels.linear_cross_entropy(h, w, targets), [h, w])
+    outs_ref, grads_ref = _grads(lambda h, w: kernels.linear_cross_entropy_reference(h, w, targets), [h, w])
+    for name, a, b in zip(("ce", "z", "dh", "dweight"), outs + grads, outs_ref + grads_ref):
+        ok &= _report(f"linear_cross_entropy {name}", a, b, 2e-2)
+    if hasattr(model, "use_kernels"):
+        ok &= check_model(cfg, device, batch)
+    else:
+        print("  model fast loss: skipped, model.py has no use_kernels() switch yet")
+    return ok
+
+
+def check_model(cfg: dict, device: torch.device, batch: int) -> bool:
+    """The model's loss and every parameter gradient with kernels on against the reference ops, both in bf16
+    autocast from the same weights and batch."""
+    tokens = torch.randint(0, cfg["vocab_size"], (batch, cfg["context_length"] + 1), device=device)
+    results = []
+    for ops in (ALL_OPS, ()):
+        model = new_model(cfg, device).use_kernels(ops)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            ce, z = model.loss(tokens[:, :-1], tokens[:, 1:])
+        (ce + 1e-2 * z).backward()
+        results.append((ce, z, dict(model.named_parameters())))
+    (ce, z, params), (ce_ref, z_ref, params_ref) = results
+    ok = _report("model ce", ce, ce_ref, 1e-2) & _report("model z", z, z_ref, 2e-2)
+    for name, p in params.items():
+        ok &= _report(f"model grad {name}", p.grad, params_ref[name].grad, 5e-2)
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: sample.generate with the KV cache against recomputing the prefix
+# ----------------------------------------------------------------------------------------------------------------
+
+def bench_generation(cfg: dict, device: torch.device) -> dict:
+    """Greedy tokens/s of one sequence with and without the KV cache, from a random model and prompt."""
+    model = new_model(cfg, device).eval()
+    prompt = torch.randint(0, cfg["vocab_size"], (16,), generator=torch.Generator().manual_seed(cfg["seed"])).tolist()
+    results, outputs = {}, {}
+    for use_cache in (True, False):
+        sample.generate(model, prompt, 4, temperature=0.0, use_cache=use_cache)  # warm-up
+        synchronize(device)
+        t0 = time.perf_counter()
+        outputs[use_cache] = sample.generate(model, prompt, cfg["generate_tokens"], temperature=0.0,
+                                             use_cache=use_cache)
+        synchronize(device)
+        results["kv_cache" if use_cache else "recompute"] = round(len(outputs[use_cache]) /
+                                                                  (time.perf_counter() - t0), 1)
+    results["identical"] = outputs[True] == outputs[False]
+    return {"tokens_per_s": results, "new_tokens": cfg["generate_tokens"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer: the hook where the lead merges the tokenizer engineer's timings (parts/bench_tokenizer.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def bench_tokenizer(cfg: dict) -> dict:
+    """Tokenizer training and encoding throughput; {} until parts/bench_tokenizer.py is merged here."""
+    return {}
+
+
+def model_facts(cfg: dict, device: torch.device) -> dict:
+    """Resolved d_ff and n_kv_heads, training FLOPs per token, and the bf16 peak FLOP/s every path's MFU uses
+    (the peer's denominator; 0 off CUDA or for an unknown GPU)."""
+    model = new_model(cfg, device)
+    return {"d_ff": model.config["d_ff"], "n_kv_heads": model.config["n_kv_heads"],
+            "train_flops_per_token": 3 * model.flops_per_token(), "peak": train.peak_flops(device, torch.bfloat16)}
+
+
+def main(argv: list[str]) -> dict:
+    argv = ["--tiny=True" if arg == "--tiny" else arg for arg in argv]  # the one bare flag
+    cfg = train.configure(DEFAULTS, argv)
+    if cfg["tiny"]:
+        cfg.update({k: v for k, v in TINY.items() if f"--{k}=" not in " ".join(argv)})
+    unknown = [p for p in cfg["paths"].split(",") if p not in PATHS]
+    if unknown:
+        raise ValueError(f"paths: unknown {', '.join(unknown)}; use a comma-separated list of {', '.join(PATHS)}")
+    device = train.pick_device(cfg["device"], 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores, as the peer does
+    cfg["compile_enabled"] = device.type == "cuda" and not cfg["tiny"]  # Inductor on CPU needs minutes and a compiler
+    cfg.update(model_facts(cfg, device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {name} | torch {torch.__version__} | triton kernels {'on' if kernels.available() else 'off'} | "
+          f"batch {cfg['batch_size']} x {cfg['context_length']} | {cfg['train_flops_per_token'] / 1e6:.1f} "
+          f"MFLOPs/token (training) | peak {cfg['peak'] / 1e12:.0f} TFLOP/s bf16")
+    result = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "config": {k: cfg[k] for k in DEFAULTS}}
+    if cfg["check"] and device.type == "cuda":
+        result["checks_ok"] = check_kernels(cfg, device)
+    result["training"] = []
+    for path in cfg["paths"].split(","):
+        try:
+            run = bench_training(cfg, path, device)
+        except Exception as e:  # report a broken path and keep timing the others
+            traceback.print_exc()
+            run = {"path": path, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+        else:
+            print(f"{path:>12}: {run['ms_per_step']:8.2f} ms/step | {run['tokens_per_s']:>12,} tok/s | "
+                  f"MFU {run['mfu']:.1%} | peak mem {run['peak_mem_gb']} GB | loss {run['first_loss']} -> "
+                  f"{run['last_loss']}")
+        result["training"].append(run)
+        torch._dynamo.reset()  # each path compiles from scratch and frees the last one's graphs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if cfg["generate_tokens"]:
+        result["generation"] = bench_generation(cfg, device)
+        gen = result["generation"]["tokens_per_s"]
+        print(f"generation: KV cache {gen['kv_cache']} tok/s | recompute {gen['recompute']} tok/s | "
+              f"identical {gen['identical']}")
+    if cfg["tokenizer"]:
+        result["tokenizer"] = bench_tokenizer(cfg)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        print(json.dumps(main(sys.argv[1:])))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,132 @@
+"""Token data: tokenize raw text once into a cached .bin, load it as a checked memmap, sample training batches.
+
+    python data.py config/owt.py        # train the tokenizer (if missing) and tokenize train/val data once
+
+A .bin file is a flat array of little-endian uint16 token ids (vocab <= 65,536). Beside it, `<file>.bin.json`
+caches the largest id so the vocab check reads the file only once (keyed by file size and mtime).
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+import bpe
+
+
+def get_batch(x: np.ndarray, batch_size: int, context_length: int, device: str | torch.device,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample batch_size windows at uniformly random starts; targets are the inputs shifted by one token.
+
+    x: 1-D integer array or np.memmap. Returns int64 (inputs, targets), each (batch_size, context_length), on device.
+    Pass a CPU torch.Generator to make the stream reproducible (its state can be saved and restored).
+    Example: x = [0..9], context 3, start 4 -> inputs [4, 5, 6], targets [5, 6, 7].
+    """
+    if len(x) <= context_length:
+        raise ValueError(f"data has {len(x)} tokens, fewer than context_length + 1 = {context_length + 1}; "
+                         "use more text or a smaller context_length")
+    starts = torch.randint(len(x) - context_length, (batch_size,), generator=generator).numpy()
+    windows = x[starts[:, None] + np.arange(context_length + 1)].astype(np.int64)  # (batch, context + 1)
+    inputs, targets = torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+    if torch.device(device).type == "cuda":  # pinned host memory lets the copy overlap with compute
+        return inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True)
+    return inputs.to(device), targets.to(device)
+
+
+def load_tokens(path: str, vocab_size: int) -> np.memmap:
+    """Open a uint16 .bin as a read-only memmap after checking its size and that every id is below vocab_size."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"token file {path} not found; point train_data/val_data at a .txt/.txt.gz "
+                                "to tokenize it, or at an existing .bin")
+    size = os.path.getsize(path)
+    if size == 0 or size % 2:
+        raise ValueError(f"{path} has {size} bytes, not a whole number of uint16 tokens (truncated or not a "
+                         "token file); delete it and re-run to tokenize again")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    max_id = _max_token_id(path, tokens)
+    if max_id >= vocab_size:
+        raise ValueError(f"{path} holds token id {max_id} but vocab_size is {vocab_size}; set vocab_size to the "
+                         f"tokenizer's vocab (at least {max_id + 1}) or re-tokenize with the matching tokenizer")
+    return tokens
+
+
+def _max_token_id(path: str, tokens: np.ndarray, chunk: int = 1 << 24) -> int:
+    """Largest id in the file, read from the JSON sidecar when it matches the file's size and mtime."""
+    stat = os.stat(path)
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    sidecar = path + ".json"
+    try:
+        with open(sidecar) as f:
+            meta = json.load(f)
+        if {k: meta.get(k) for k in key} == key:
+            return int(meta["max_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no usable sidecar: compute the max below
+    max_id = max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))  # bounded memory
+    try:
+        with open(sidecar + ".tmp", "w") as f:
+            json.dump({**key, "max_id": max_id, "num_tokens": len(tokens)}, f)
+        os.replace(sidecar + ".tmp", sidecar)
+    except OSError:
+        pass  # read-only data directory: the cache is an optimisation, the check above already ran
+    return max_id
+
+
+def prepare(text_path: str, tokenizer_dir: str, special_tokens: tuple[str, ...] = ("<|endoftext|>",),
+            num_workers: int | None = None) -> str:
+    """Tokenize text_path (.txt or .txt.gz) once into tokenizer_dir/<name>.bin and return that path.
+
+    The .bin is reused while it is newer than the text and the tokenizer files. bpe.encode_file writes to a
+    temporary file and renames it, so an interrupted run never leaves a partial file under the final name.
+    """
+    if not os.path.isfile(text_path):
+        raise FileNotFoundError(f"text file {text_path} not found; check train_data/val_data "
+                                "(the README lists the download commands)")
+    name = os.path.basename(text_path).removesuffix(".gz").removesuffix(".txt")
+    bin_path = os.path.join(tokenizer_dir, name + ".bin")
+    sources = [text_path, os.path.join(tokenizer_dir, "vocab.json"), os.path.join(tokenizer_dir, "merges.txt")]
+    if os.path.isfile(bin_path) and all(os.path.getmtime(bin_path) >= os.path.getmtime(s) for s in sources):
+        return bin_path
+    print(f"tokenizing {text_path} -> {bin_path}")
+    n = bpe.encode_file(text_path, bin_path, tokenizer_dir, special_tokens=tuple(special_tokens),
+                        num_workers=num_workers)
+    print(f"wrote {n:,} tokens to {bin_path}")
+    return bin_path
+
+
+def prepare_splits(paths: list[str], tokenizer_dir: str, vocab_size: int,
+                   special_tokens: tuple[str, ...] = ("<|endoftext|>",)) -> list[str]:
+    """Token files for paths (train first): a .bin is used as given; raw text is tokenized once (cached) with the
+    tokenizer in tokenizer_dir, which is trained on paths[0] with vocab_size tokens when it does not exist yet."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found; download it (README lists the commands) or set "
+                                    "train_data/val_data to existing .txt, .txt.gz or .bin files")
+    if all(p.endswith(".bin") for p in paths):
+        return list(paths)
+    if not all(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in ("vocab.json", "merges.txt")):
+        if paths[0].endswith(".bin"):
+            raise FileNotFoundError(f"no tokenizer in {tokenizer_dir} to tokenize {paths[1]}; point tokenizer_dir "
+                                    f"at the tokenizer that made {paths[0]}, or pass raw text for both")
+        print(f"training a {vocab_size:,}-token BPE tokenizer on {paths[0]} -> {tokenizer_dir}")
+        bpe.train_tokenizer(paths[0], vocab_size, tokenizer_dir, tuple(special_tokens))
+    tokenizer_vocab = bpe.load_tokenizer(tokenizer_dir, tuple(special_tokens)).vocab_size
+    if tokenizer_vocab != vocab_size:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer_vocab:,} tokens but vocab_size is "
+                         f"{vocab_size:,}; set vocab_size={tokenizer_vocab} or use a new tokenizer_dir")
+    return [p if p.endswith(".bin") else prepare(p, tokenizer_dir, special_tokens) for p in paths]
+
+
+if __name__ == "__main__":
+    import sys
+
+    import train  # the same configuration as training: python data.py config/owt.py [--key=value ...]
+
+    try:
+        cfg = train.configure(train.DEFAULTS, sys.argv[1:])
+        for path in prepare_splits([cfg["train_data"], cfg["val_data"]], cfg["tokenizer_dir"], cfg["vocab_size"],
+                                   cfg["special_tokens"]):
+            print(f"{path}: {len(load_tokens(path, cfg['vocab_size'])):,} tokens")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

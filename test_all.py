@@ -1,0 +1,1699 @@
+"""Every test of the project: python test_all.py [name_substring]
+
+Plain test_* functions and a tiny runner (bottom of the file). CPU only, no network, no
+files outside the repository: each test makes its own small data. Every check compares
+against an independent reference (float64 loops, the algorithm written out, hand-computed
+numbers), never against the code under test itself.
+"""
+import collections
+import contextlib
+import csv
+import gzip
+import importlib
+import io
+import itertools
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels, when installed, run on CPU tensors
+
+import numpy as np
+import regex
+import torch
+
+import bench
+import bpe
+import data
+import kernels
+import plot
+import train
+from model import (Embedding, Linear, MultiHeadSelfAttention, RMSNorm, RotaryPositionalEmbedding, TransformerLM,
+                   accounting, cross_entropy, scaled_dot_product_attention, silu, softmax)
+from optim import AdamW, clip_grad_norm, cosine_lr
+from sample import generate, top_p_filter
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer (bpe.py)
+# ----------------------------------------------------------------------------------------------------
+
+# Written out again here (not imported) so the references below do not share code with bpe.py.
+_BPE_GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_BPE_EOT = "<|endoftext|>"
+_BPE_WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "don't", "we'll", "I'm", "naïve", "café", "Größe",
+              "日本語", "東京", "🙂", "👩‍💻", "e\u0301", "مرحبا", "42", "3.14", "x", "zz", "ab", "aba"]
+_BPE_SEPS = [" ", " ", " ", "  ", "\n", "\n\n", " \n", "\t", ", ", ". ", "!\n", " -- ", "\r\n"]
+
+
+def _bpe_split_specials(text, specials):
+    """Plain text at even positions, specials at odd ones (stdlib re, longest special first)."""
+    if not specials:
+        return [text]
+    return re.split("(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")", text)
+
+
+def _bpe_merge(word, pair):
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def _bpe_naive_train(pretokens, vocab_size, specials=()):
+    """BPE from the definition: recount every pair each round, merge the max (count, pair)."""
+    words = collections.Counter(tuple(bytes([b]) for b in w.encode()) for w in pretokens)
+    tokens = [s.encode() for s in specials] + [bytes([b]) for b in range(256)]
+    merges = []
+    while len(tokens) < vocab_size:
+        pairs = collections.Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        if best[0] + best[1] not in tokens:
+            tokens.append(best[0] + best[1])
+        new_words = collections.Counter()
+        for word, count in words.items():
+            new_words[_bpe_merge(word, best)] += count
+        words = new_words
+    return dict(enumerate(tokens)), merges
+
+
+def _bpe_gpt2_pretokens(text, specials):
+    return [w for part in _bpe_split_specials(text, specials)[::2] for w in regex.findall(_BPE_GPT2_PAT, part)]
+
+
+def _bpe_naive_encode(text, vocab, merges, specials):
+    """Encode from the definition: split specials, pre-tokenize, apply every merge in creation order."""
+    ids_of = {token: i for i, token in vocab.items()}
+    memo, ids = {}, []
+    for i, part in enumerate(_bpe_split_specials(text, specials)):
+        if i % 2:
+            ids.append(ids_of[part.encode()])
+            continue
+        for word in regex.findall(_BPE_GPT2_PAT, part):
+            if word not in memo:
+                tokens = tuple(bytes([b]) for b in word.encode())
+                for pair in merges:
+                    tokens = _bpe_merge(tokens, pair)
+                memo[word] = [ids_of[t] for t in tokens]
+            ids += memo[word]
+    return ids
+
+
+def _bpe_corpus(seed, num_docs, words_per_doc=40, specials=(_BPE_EOT,)):
+    """Random documents of _BPE_WORDS (Zipf-like) and _BPE_SEPS, joined by a special token."""
+    rng = random.Random(seed)
+    weights = [1 / (k + 1) for k in range(len(_BPE_WORDS))]
+    docs = []
+    for _ in range(num_docs):
+        words = rng.choices(_BPE_WORDS, weights, k=words_per_doc)
+        docs.append("".join(w + rng.choice(_BPE_SEPS) for w in words))
+    return (specials[0] if specials else "\n").join(docs)
+
+
+def _bpe_random_unicode(rng, length):
+    pools = ["abcXYZ019 ", " \n\t\r", "'.,!?<|>-", "日本語東京大阪", "🙂👍🏽👩‍💻🇫🇷", "e\u0301a\u0308\u0327",
+             "مرحبا", "\U0001F600\U00010348", _BPE_EOT, "\u00a0\u2028"]
+    return "".join(rng.choice(rng.choice(pools)) if rng.random() < 0.95 else _BPE_EOT for _ in range(length))
+
+
+def _bpe_byte_to_unicode():
+    """GPT-2's byte-to-unicode table, written out as in openai/gpt-2 encoder.py."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _bpe_write(path, text, compress=False):
+    opener = gzip.open if compress else open
+    with opener(path, "wt", encoding="utf-8", newline="") as f:
+        f.write(text)
+    return path
+
+
+def _bpe_trained(tmp, text, vocab_size, specials=(_BPE_EOT,)):
+    vocab, merges = bpe.train_bpe(_bpe_write(os.path.join(tmp, "train.txt"), text), vocab_size, list(specials), 1)
+    return bpe.Tokenizer(vocab, merges, list(specials))
+
+
+def _bpe_cli(*args):
+    return subprocess.run([sys.executable, bpe.__file__, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_bpe_worked_example():
+    """CS336's example with whitespace pre-tokenization: merges worked out by hand."""
+    text = "low low low low low lower lower widest widest widest newest newest newest newest newest newest"
+    expected = [(b"s", b"t"), (b"e", b"st"), (b"o", b"w"), (b"l", b"ow"), (b"w", b"est"), (b"n", b"e"),
+                (b"ne", b"west"), (b"w", b"i"), (b"wi", b"d"), (b"wid", b"est"), (b"low", b"e"), (b"lowe", b"r")]
+    vocab, naive = _bpe_naive_train(text.split(), 256 + 1 + 12, [_BPE_EOT])
+    assert naive == expected
+    assert vocab[0] == _BPE_EOT.encode() and vocab[257 + 11] == b"lower"
+    assert bpe.learn_merges(collections.Counter(text.split()), 12) == expected
+    assert bpe.learn_merges(collections.Counter(text.split()), 6) == expected[:6]
+
+
+def test_bpe_tie_breaking():
+    """Equal counts go to the greater (bytes, bytes); b'ab' > b'a' although it starts with it."""
+    counts = {"ab": 5, "aba": 2, "az": 2}
+    assert bpe.learn_merges(counts, 10) == [(b"a", b"b"), (b"ab", b"a"), (b"a", b"z")]
+    assert bpe.learn_merges({"ba": 1, "cd": 1, "ab": 1}, 1) == [(b"c", b"d")]
+    rng = random.Random(0)
+    for _ in range(30):  # tiny alphabets and counts: ties everywhere
+        words = ["".join(rng.choices("abc", k=rng.randint(1, 7))) for _ in range(rng.randint(1, 12))]
+        counts = collections.Counter(words)
+        _, naive = _bpe_naive_train(list(counts.elements()), 256 + 20)
+        assert bpe.learn_merges(counts, 20) == naive
+
+
+def test_bpe_special_tokens():
+    byte_vocab = {b: bytes([b]) for b in range(256)}
+    double = _BPE_EOT * 2
+    tok = bpe.Tokenizer(byte_vocab, [], [_BPE_EOT, double])  # missing specials are appended: 256, 257
+    assert tok.vocab_size == 258 and tok.encode(_BPE_EOT) == [256] and tok.encode(double) == [257]
+    assert tok.encode("a" + double + "b" + _BPE_EOT + double) == [97, 257, 98, 257, 256]
+    assert tok.encode(_BPE_EOT * 3) == [257, 256]
+    assert tok.decode([97, 257, 256]) == "a" + _BPE_EOT * 3
+    assert len(bpe.Tokenizer(byte_vocab, []).encode(_BPE_EOT)) == len(_BPE_EOT)  # no specials: plain text
+    # A special token ends its text like the end of the string: "\n\n" before it is one pre-token.
+    vocab = {**byte_vocab, 256: b"\n\n", 257: _BPE_EOT.encode()}
+    tok = bpe.Tokenizer(vocab, [(b"\n", b"\n")], [_BPE_EOT])
+    assert tok.encode("a\n\n" + _BPE_EOT + "\n\nb") == [97, 256, 257, 10, 10, 98]
+    assert tok.encode(_BPE_EOT + "\n\n" + _BPE_EOT) == [257, 256, 257]
+    # Training: special tokens are neither counted nor merged, and take the first ids.
+    text = ("hi there" + _BPE_EOT + "\n") * 50 + "<| |>"
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = bpe.train_bpe(_bpe_write(os.path.join(tmp, "t.txt"), text), 300, [_BPE_EOT, "<|pad|>"], 1)
+    _, naive = _bpe_naive_train(_bpe_gpt2_pretokens(text, [_BPE_EOT]), 300, [_BPE_EOT, "<|pad|>"])
+    assert merges == naive and not any(b"end" in a + b for a, b in merges)
+    assert vocab[0] == _BPE_EOT.encode() and vocab[1] == b"<|pad|>" and vocab[2] == b"\x00"
+    assert sorted(vocab) == list(range(len(vocab)))
+
+
+def test_bpe_round_trip_random_unicode():
+    rng = random.Random(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_text = _bpe_corpus(2, 30) + "".join(_bpe_random_unicode(rng, 400) for _ in range(5))
+        tok = _bpe_trained(tmp, train_text, 500)
+    assert len(tok.merges) > 150
+    for n in range(150):
+        s = _bpe_random_unicode(rng, rng.randint(0, 60))
+        ids = tok.encode(s)
+        assert tok.decode(ids) == s, repr(s)
+        if n % 5 == 0:
+            assert ids == _bpe_naive_encode(s, tok.vocab, tok.merges, [_BPE_EOT]), repr(s)
+    first_byte = {t: i for i, t in tok.vocab.items()}[b"\xf0"]  # half an emoji decodes to U+FFFD
+    assert tok.decode([first_byte]) == "\ufffd" and tok.decode([first_byte, tok.encode("a")[0]]) == "\ufffda"
+
+
+def test_bpe_encode_matches_naive_on_long_text():
+    """encode works through ~32K-character pieces; a 100K text with many specials must still match."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _bpe_trained(tmp, _bpe_corpus(3, 40), 400)
+    text = _bpe_corpus(4, 500, specials=(_BPE_EOT + "\n",)) + "   \n  " + _BPE_EOT
+    assert len(text) > 100_000
+    assert tok.encode(text) == _bpe_naive_encode(text, tok.vocab, tok.merges, [_BPE_EOT])
+
+
+def _bpe_check_stream(tok, text, specials, rng):
+    """encode_iterable == the definition's ids, for adversarial ways of cutting text into pieces."""
+    expected = _bpe_naive_encode(text, tok.vocab, tok.merges, specials)
+    assert tok.encode(text) == expected
+    cuts = [list(text), re.split(r"(?<=\s)", text)]  # one character at a time; inside every whitespace run
+    cuts += [re.split("(?<=" + re.escape(s[:k]) + ")", text) for s in specials for k in range(1, len(s))]
+    for _ in range(5):
+        points = sorted(rng.sample(range(len(text)), 60))
+        cuts.append([text[i:j] for i, j in zip([0] + points, points + [len(text)])])
+    for pieces in cuts:
+        assert "".join(pieces) == text
+        assert list(tok.encode_iterable(iter(pieces))) == expected
+    return expected
+
+
+def test_bpe_encode_iterable():
+    rng = random.Random(5)
+    specials = [_BPE_EOT, _BPE_EOT * 2]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = bpe.train_bpe(_bpe_write(os.path.join(tmp, "t.txt"), _bpe_corpus(6, 30)), 400, specials, 1)
+        tok = bpe.Tokenizer(vocab, merges, specials)
+        text = _bpe_corpus(7, 20, 30, specials=(_BPE_EOT + "\n",)) + "a  \n  b \n\n" + _BPE_EOT * 3 + "\n  "
+        expected = _bpe_check_stream(tok, text, specials, rng)
+        path = _bpe_write(os.path.join(tmp, "lines.txt"), text)
+        with open(path, encoding="utf-8", newline="") as f:
+            assert list(tok.encode_iterable(f)) == expected
+    spaced = ["< |sep|>", "x"]  # a special with a space right after its first character, and a 1-char one
+    tok = bpe.Tokenizer(vocab, merges, spaced)
+    _bpe_check_stream(tok, "a < |sep|> b< |sep|>< |sep|>\n < |sep|< |sep|>x\n" * 3, spaced, rng)
+    # Streaming: the first ids come out long before a big input is consumed.
+    consumed = [0]
+
+    def lines():
+        for _ in range(100_000):
+            consumed[0] += 1
+            yield "the cat sat on the mat\n"
+    assert len(list(itertools.islice(tok.encode_iterable(lines()), 50))) == 50 and consumed[0] < 100
+
+
+def test_bpe_trainer_agrees_with_naive():
+    with tempfile.TemporaryDirectory() as tmp:
+        text = _bpe_corpus(8, 120) + "\n" + _bpe_random_unicode(random.Random(9), 3000)
+        path = _bpe_write(os.path.join(tmp, "corpus.txt"), text)
+        gz_path = _bpe_write(os.path.join(tmp, "corpus.txt.gz"), text, compress=True)
+        pretokens = _bpe_gpt2_pretokens(text, [_BPE_EOT])
+        counts = bpe.count_pretokens(gz_path, [_BPE_EOT], num_workers=2, chunk_chars=1000)  # many chunks, a pool
+        assert counts == collections.Counter(pretokens)
+        naive_vocab, naive_merges = _bpe_naive_train(pretokens, 600, [_BPE_EOT])
+        assert len(naive_merges) == 600 - 257
+        for workers, source in [(1, path), (2, gz_path)]:
+            vocab, merges = bpe.train_bpe(source, 600, [_BPE_EOT], num_workers=workers)
+            assert merges == naive_merges and vocab == naive_vocab
+        small = _bpe_corpus(13, 3, 20)
+        vocab, merges = bpe.train_bpe(_bpe_write(path, small), 100_000, [_BPE_EOT], num_workers=1)  # runs out of pairs
+        assert len(vocab) < 100_000 and sorted(vocab) == list(range(len(vocab)))
+        assert merges == _bpe_naive_train(_bpe_gpt2_pretokens(small, [_BPE_EOT]), 100_000, [_BPE_EOT])[1]
+
+
+def test_bpe_gpt2_files_round_trip():
+    b2u = _bpe_byte_to_unicode()
+    order = list(b2u)  # GPT-2 gives the bytes ids in the table's order, not byte order
+
+    def enc(token):
+        return "".join(b2u[b] for b in token)
+    merges = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he"), (b"\xe6", b"\x97"), (b"\n", b"\n")]
+    tokens = [bytes([b]) for b in order] + [a + b for a, b in merges] + [_BPE_EOT.encode()]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_path, merges_path = os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt")
+        with open(vocab_path, "w", encoding="utf-8") as f:
+            json.dump({enc(t): i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+        with open(merges_path, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{enc(a)} {enc(b)}\n" for a, b in merges))
+        tok = bpe.Tokenizer.from_files(vocab_path, merges_path, [_BPE_EOT])
+        the, eot = 256 + 2, 256 + 5
+        assert tok.special_ids[_BPE_EOT] == eot and tok.vocab_size == 262
+        assert tok.encode(" the\n\n" + _BPE_EOT) == [the, 256 + 4, eot]
+        assert tok.encode("a") == [order.index(ord("a"))]
+        tok.save(os.path.join(tmp, "v2.json"), os.path.join(tmp, "m2.txt"))
+        with open(os.path.join(tmp, "v2.json"), encoding="utf-8") as f:
+            assert json.load(f) == {enc(t): i for i, t in enumerate(tokens)}
+        with open(os.path.join(tmp, "m2.txt"), encoding="utf-8") as f:
+            assert f.read().splitlines()[1:] == [f"{enc(a)} {enc(b)}" for a, b in merges]
+        again = bpe.Tokenizer.from_files(os.path.join(tmp, "v2.json"), os.path.join(tmp, "m2.txt"), [_BPE_EOT])
+        assert again.vocab == dict(enumerate(tokens)) and again.merges == merges
+        trained = bpe.train_tokenizer(_bpe_write(os.path.join(tmp, "t.txt"), _bpe_corpus(10, 30)), 400, tmp)
+        loaded = bpe.load_tokenizer(tmp)
+        assert loaded.vocab == trained.vocab and loaded.merges == trained.merges
+        assert loaded.special_ids == {_BPE_EOT: 0}
+
+
+def test_bpe_encode_file():
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = bpe.train_tokenizer(_bpe_write(os.path.join(tmp, "t.txt"), _bpe_corpus(11, 40)), 400, tmp)
+        text = _bpe_corpus(12, 1300, 200, specials=("\n" + _BPE_EOT + "\n",))  # > 1 MB: several chunks
+        assert len(text) > 1_100_000
+        out = os.path.join(tmp, "out.bin")
+        for workers, compress in [(2, True), (1, False)]:
+            src = _bpe_write(os.path.join(tmp, "in.txt" + ".gz" * compress), text, compress)
+            assert bpe.encode_file(src, out, tmp, num_workers=workers) == os.path.getsize(out) // 2
+            ids = np.fromfile(out, dtype="<u2")
+            assert ids.tolist() == _bpe_naive_encode(text, tok.vocab, tok.merges, [_BPE_EOT])
+        with open(out, "wb") as f:
+            f.write(b"old")
+        try:
+            bpe.encode_file(os.path.join(tmp, "missing.txt"), out, tmp)
+            raise AssertionError("missing input accepted")
+        except FileNotFoundError:
+            pass
+        with open(out, "rb") as f:
+            assert f.read() == b"old" and not os.path.exists(out + ".tmp")
+        big = os.path.join(tmp, "big")
+        os.mkdir(big)
+        with open(os.path.join(big, "vocab.json"), "w") as f:
+            json.dump({**{c: b for b, c in _bpe_byte_to_unicode().items()},
+                       **{f"t{i}": i for i in range(256, 65536)}}, f)
+        open(os.path.join(big, "merges.txt"), "w").close()
+        small = _bpe_write(os.path.join(tmp, "small.txt"), "hi")
+        assert bpe.encode_file(small, out, big, special_tokens=()) == 2  # 65536 tokens fit in uint16
+        try:
+            bpe.encode_file(small, out, big)  # <|endoftext|> is appended as token 65537
+            raise AssertionError("65537 tokens accepted for uint16")
+        except ValueError as e:
+            assert "65537" in str(e)
+
+
+def test_bpe_bad_inputs():
+    tok = bpe.Tokenizer({b: bytes([b]) for b in range(256)}, [], [_BPE_EOT])
+    for ids in ([257], [-1], [0, 10**6]):
+        try:
+            tok.decode(ids)
+            raise AssertionError(f"decoded {ids}")
+        except ValueError as e:
+            assert "id" in str(e) and "\n" not in str(e)
+    b2u = _bpe_byte_to_unicode()
+    good_vocab = json.dumps({c: b for b, c in b2u.items()})
+    bad = [("{not json", ""), (json.dumps({"a": 0, "b": 2}), ""), (json.dumps({"a": "0"}), ""), ("[1, 2]", ""),
+           (good_vocab, "a b c\n"), (good_vocab, "a\n"), (good_vocab, "a \u4e00\n"), (good_vocab, "a b\n"),
+           (json.dumps({"a": 0}), "")]  # the last two: a merge result / single bytes missing from the vocab
+    with tempfile.TemporaryDirectory() as tmp:
+        for vocab_text, merges_text in bad:
+            with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+                f.write(vocab_text)
+            with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+                f.write(merges_text)
+            try:
+                bpe.load_tokenizer(tmp)
+                raise AssertionError(f"accepted {vocab_text[:20]!r} / {merges_text!r}")
+            except ValueError as e:
+                assert "\n" not in str(e)
+        path = _bpe_write(os.path.join(tmp, "t.txt"), "some text")
+        for size in (0, 256):
+            try:
+                bpe.train_bpe(path, size, [_BPE_EOT])
+                raise AssertionError(f"vocab_size={size} accepted")
+            except ValueError as e:
+                assert "257" in str(e)
+        out_dir = os.path.join(tmp, "tok")
+        os.mkdir(out_dir)
+        with open(os.path.join(out_dir, "vocab.json"), "w") as f:
+            f.write("keep")
+        runs = [_bpe_cli("train", f"--input={path}", "--vocab_size=256", f"--out_dir={out_dir}"),
+                _bpe_cli("train", f"--input={tmp}/missing.txt", "--vocab_size=300", f"--out_dir={out_dir}"),
+                _bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--colour=red"),
+                _bpe_cli("stats", f"--tokenizer={tmp}", f"--input={path}"),  # tmp holds the last bad files
+                _bpe_cli("encode", f"--tokenizer={out_dir}", f"--input={path}", f"--out={tmp}/o.bin")]
+        for run in runs:
+            assert run.returncode == 2 and run.stdout == "", run
+            assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+        with open(os.path.join(out_dir, "vocab.json")) as f:
+            assert f.read() == "keep"
+        ok = _bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--num_workers=1")
+        assert ok.returncode == 0 and "longest tokens" in ok.stdout, ok.stderr
+        assert bpe.load_tokenizer(out_dir).decode(bpe.load_tokenizer(out_dir).encode("some text")) == "some text"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model (model.py) and sampling (sample.py)
+# ----------------------------------------------------------------------------------------------------
+
+_MODEL_SHAPE = dict(vocab_size=23, context_length=12, d_model=16, num_layers=2, num_heads=4)
+
+
+def _model_build(seed: int = 0, **flags) -> TransformerLM:
+    """A tiny float64 model; norm gains are randomised so that a gain applied in the wrong place shows."""
+    torch.manual_seed(seed)
+    model = TransformerLM(**{**_MODEL_SHAPE, **flags}, dtype=torch.float64)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name or "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return model
+
+
+def _model_rms(x, gain):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain
+
+
+def _model_rope(x, theta):
+    """RoPE as complex multiplication: (x[2k] + i x[2k+1]) * exp(i t theta^(-2k/d)) at position t. x: (..., T, d)."""
+    T, d = x.shape[-2:]
+    z = torch.view_as_complex(x.reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angle), angle)).reshape(x.shape)
+
+
+def _model_reference_logits(sd: dict, cfg: dict, idx):
+    """The whole model written out from the raw state dict and a resolved config, one formula per flag (float64)."""
+    H, kvh, theta = cfg["num_heads"], cfg["n_kv_heads"], cfg["rope_theta"]
+
+    def attention(x, p):
+        B, T, d = x.shape
+        dh = d // H
+        q = (x @ sd[p + "q_proj.weight"].T).reshape(B, T, H, dh).transpose(1, 2)
+        k = (x @ sd[p + "k_proj.weight"].T).reshape(B, T, kvh, dh).transpose(1, 2).repeat_interleave(H // kvh, 1)
+        v = (x @ sd[p + "v_proj.weight"].T).reshape(B, T, kvh, dh).transpose(1, 2).repeat_interleave(H // kvh, 1)
+        if cfg["qk_norm"]:
+            q, k = _model_rms(q, sd[p + "q_norm.weight"]), _model_rms(k, sd[p + "k_norm.weight"])
+        if cfg["pos"] == "rope":
+            q, k = _model_rope(q, theta), _model_rope(k, theta)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(~torch.ones(T, T).bool().tril(), -math.inf)
+        return (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(B, T, d) @ sd[p + "output_proj.weight"].T
+
+    def ffn(x, p):
+        a = x @ sd[p + "w1.weight"].T
+        h = a / (1 + torch.exp(-a))  # silu
+        if cfg["ffn"] == "swiglu":
+            h = h * (x @ sd[p + "w3.weight"].T)
+        return h @ sd[p + "w2.weight"].T
+
+    x = sd["token_embeddings.weight"][idx]
+    norm = cfg["norm"]
+    for i in range(cfg["num_layers"]):
+        p = f"layers.{i}."
+        n1 = (lambda z: _model_rms(z, sd[p + "ln1.weight"])) if norm != "none" else (lambda z: z)
+        n2 = (lambda z: _model_rms(z, sd[p + "ln2.weight"])) if norm != "none" else (lambda z: z)
+        if cfg["block"] == "parallel":
+            x = x + attention(n1(x), p + "attn.") + ffn(n2(x), p + "ffn.")
+        elif norm == "post":
+            x = n1(x + attention(x, p + "attn."))
+            x = n2(x + ffn(x, p + "ffn."))
+        else:
+            x = x + attention(n1(x), p + "attn.")
+            x = x + ffn(n2(x), p + "ffn.")
+    if norm != "none":
+        x = _model_rms(x, sd["ln_final.weight"])
+    logits = x @ sd["token_embeddings.weight" if cfg["tie_embeddings"] else "lm_head.weight"].T
+    cap = cfg["logit_softcap"]
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def _model_greedy_by_recompute(model, prompt, n):
+    """Reference decoding: run the model on the whole cropped prefix for every new token."""
+    ids, ctx = list(prompt), model.config["context_length"]
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids[-ctx:]]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_linear_and_embedding_init_and_forward():
+    torch.manual_seed(0)
+    lin = Linear(256, 512)
+    std = math.sqrt(2 / (256 + 512))
+    assert lin.weight.shape == (512, 256)
+    assert abs(lin.weight.std().item() / std - 0.987) < 0.03  # a normal cut at 3 std has std 0.987 sigma
+    assert lin.weight.abs().max().item() <= 3 * std + 1e-6
+    x = torch.randn(3, 5, 256)
+    ref = (x.double()[..., None, :] * lin.weight.double()).sum(-1)  # y_j = sum_i x_i W_ji
+    assert torch.allclose(lin(x).double(), ref, atol=1e-5)
+    emb = Embedding(1000, 32)
+    assert emb.weight.shape == (1000, 32)
+    assert abs(emb.weight.std().item() - 0.987) < 0.03 and emb.weight.abs().max().item() <= 3.0
+    ids = torch.tensor([[3, 999, 0], [3, 3, 7]])
+    assert torch.equal(emb(ids)[1, 2], emb.weight[7]) and emb(ids).shape == (2, 3, 32)
+
+
+def test_softmax_cross_entropy_silu_on_large_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 7, 50) * 1000  # exp would overflow without the max shift
+    targets = torch.randint(0, 50, (4, 7))
+    x = logits.double()
+    m = x.max(-1, keepdim=True).values
+    log_probs = x - m - torch.log(torch.exp(x - m).sum(-1, keepdim=True))
+    ce_ref = -log_probs.gather(-1, targets[..., None]).mean()
+    assert torch.isfinite(cross_entropy(logits, targets))
+    assert abs(cross_entropy(logits, targets).item() - ce_ref.item()) < 1e-5 * abs(ce_ref.item())
+    assert torch.allclose(softmax(logits, -1).double(), log_probs.exp(), atol=1e-6)
+    assert torch.allclose(softmax(logits, 0).sum(0), torch.ones(7, 50))
+    z = torch.linspace(-30, 30, 101, dtype=torch.float64)
+    assert torch.allclose(silu(z), z / (1 + torch.exp(-z)))
+
+
+def test_rmsnorm_computes_in_fp32_returns_input_dtype():
+    torch.manual_seed(0)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64) + 0.5)
+    x = (torch.randn(3, 64) * 300).bfloat16()
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    x64 = x.double()
+    ref = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    assert ((y.double() - ref).abs() <= ref.abs() * 2 ** -8).all()  # only the final rounding to bf16
+    assert norm(x.float()).dtype == torch.float32
+
+
+def test_attention_against_float64_loops():
+    torch.manual_seed(0)
+    Q, K, V = torch.randn(2, 3, 4, 5).double(), torch.randn(2, 3, 6, 5).double(), torch.randn(2, 3, 6, 7).double()
+    mask = torch.rand(4, 6) > 0.4
+    mask[:, 0] = True  # every query sees at least one key
+    out = scaled_dot_product_attention(Q, K, V, mask)
+    for b, h, i in itertools.product(range(2), range(3), range(4)):
+        keys = [j for j in range(6) if mask[i, j]]
+        s = [sum(Q[b, h, i, c].item() * K[b, h, j, c].item() for c in range(5)) / math.sqrt(5) for j in keys]
+        w = [math.exp(v - max(s)) for v in s]
+        for e in range(7):
+            ref = sum(wj * V[b, h, j, e].item() for wj, j in zip(w, keys)) / sum(w)
+            assert abs(out[b, h, i, e].item() - ref) < 1e-12
+
+
+def test_rope_against_2x2_rotations():
+    torch.manual_seed(0)
+    theta, d = 10000.0, 8
+    rope = RotaryPositionalEmbedding(theta, d, max_seq_len=16)
+    x = torch.randn(2, 5, d).double()
+    pos = torch.tensor([[0, 3, 1, 15, 2], [4, 4, 0, 9, 11]])
+    out = rope(x, pos)
+    for b, t, k in itertools.product(range(2), range(5), range(d // 2)):
+        a = pos[b, t].item() * theta ** (-2 * k / d)
+        R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
+        assert torch.allclose(out[b, t, 2 * k:2 * k + 2], R @ x[b, t, 2 * k:2 * k + 2], atol=1e-6)
+    assert list(rope.state_dict()) == []  # cos/sin are recomputed, not saved
+
+
+def test_default_model_state_dict_keys_and_outputs():
+    model = _model_build()
+    layer = ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.output_proj", "ffn.w1", "ffn.w2", "ffn.w3",
+             "ln1", "ln2"]
+    keys = ["token_embeddings.weight"] + [f"layers.{i}.{n}.weight" for i in range(2) for n in layer]
+    assert list(model.state_dict()) == keys + ["ln_final.weight", "lm_head.weight"]
+    assert model.config["d_ff"] == 64 and model.config["n_kv_heads"] == 4  # 8/3 * 16 = 42.7 -> 64
+    assert TransformerLM(**_MODEL_SHAPE, ffn="silu").config["d_ff"] == 64  # 4 * 16
+    assert TransformerLM(**{**_MODEL_SHAPE, "d_model": 96, "num_heads": 4}).config["d_ff"] == 256  # 8/3 * 96 = 256
+    idx = torch.randint(0, 23, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = _model_reference_logits(model.state_dict(), model.config, idx)
+    assert torch.allclose(model(idx), ref, atol=1e-5)  # float64 model, but RoPE's cos/sin tables are float32
+
+
+def test_every_flag_equals_its_formula_and_changes_the_output():
+    idx = torch.randint(0, 23, (2, 12), generator=torch.Generator().manual_seed(1))
+    default = _model_build()
+    same_params = [dict(norm="post"), dict(pos="none"), dict(logit_softcap=0.5), dict(block="parallel")]
+    new_params = [dict(norm="none"), dict(ffn="silu"), dict(qk_norm=True), dict(n_kv_heads=2), dict(n_kv_heads=1),
+                  dict(tie_embeddings=True), dict(block="parallel", norm="none", qk_norm=True, n_kv_heads=2)]
+    for flags in same_params + new_params:
+        model = _model_build(**flags)
+        ref = _model_reference_logits(model.state_dict(), model.config, idx)
+        assert torch.allclose(model(idx), ref, atol=1e-5), flags
+        if flags in same_params:  # the same weights in the standard model give other logits
+            default.load_state_dict(model.state_dict())
+            assert (default(idx) - model(idx)).abs().max() > 1e-2, flags
+        else:
+            assert {k: v.shape for k, v in model.state_dict().items()} != \
+                   {k: v.shape for k, v in default.state_dict().items()}, flags
+
+
+def test_gqa_equals_standard_attention_with_repeated_kv_weights():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16).double()
+    for n_kv in (4, 2, 1):
+        gqa = MultiHeadSelfAttention(16, 4, n_kv_heads=n_kv, dtype=torch.float64)
+        std = MultiHeadSelfAttention(16, 4, dtype=torch.float64)
+        sd = dict(gqa.state_dict())
+        for name in ("k_proj.weight", "v_proj.weight"):  # (n_kv*4, 16): kv head g serves query heads g*G .. g*G+G-1
+            sd[name] = sd[name].reshape(n_kv, 4, 16).repeat_interleave(4 // n_kv, 0).reshape(16, 16)
+        std.load_state_dict(sd)
+        assert gqa.k_proj.weight.shape == (n_kv * 4, 16)
+        assert torch.allclose(gqa(x), std(x), atol=1e-12), n_kv
+    model = _model_build(n_kv_heads=2)
+    assert model.new_kv_cache(batch_size=3).k.shape == (2, 3, 2, 12, 4)  # layers, batch, kv heads, positions, d_head
+
+
+def test_logit_softcap_bounded_and_equal_to_formula():
+    idx = torch.randint(0, 23, (2, 12), generator=torch.Generator().manual_seed(1))
+    capped, plain = _model_build(logit_softcap=0.5), _model_build()
+    plain.load_state_dict(capped.state_dict())
+    raw = plain(idx)
+    assert raw.abs().max() > 1  # the cap bites
+    assert capped(idx).abs().max() < 0.5
+    assert torch.allclose(capped(idx), 0.5 * torch.tanh(raw / 0.5), atol=1e-12)
+
+
+def test_tied_embeddings_one_parameter_saved_once_gradient_is_sum_of_uses():
+    tied = _model_build(tie_embeddings=True)
+    W = tied.token_embeddings.weight
+    assert "lm_head.weight" not in tied.state_dict() and tied.lm_head is None
+    assert sum(p.data_ptr() == W.data_ptr() for p in tied.parameters()) == 1
+    assert tied.num_params() == _model_build().num_params() - 23 * 16
+    idx = torch.randint(0, 23, (2, 12), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 23, (2, 12), generator=torch.Generator().manual_seed(2))
+    untied = _model_build()
+    untied.load_state_dict({**tied.state_dict(), "lm_head.weight": W.detach().clone()})
+    tied.loss(idx, targets)[0].backward()
+    untied.loss(idx, targets)[0].backward()
+    both = untied.token_embeddings.weight.grad + untied.lm_head.weight.grad
+    assert torch.allclose(W.grad, both, atol=1e-12)
+    buffer = io.BytesIO()
+    torch.save(tied.state_dict(), buffer)
+    buffer.seek(0)
+    restored = _model_build(seed=5, tie_embeddings=True)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(restored(idx), tied(idx))
+
+
+def test_z_loss_value_and_gradient_against_written_out_loss():
+    model = _model_build()
+    idx = torch.randint(0, 23, (2, 12), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 23, (2, 12), generator=torch.Generator().manual_seed(2))
+    params = list(model.parameters())
+    ce, z = model.loss(idx, targets)
+    grads = torch.autograd.grad(ce + 0.1 * z, params)
+    logits = model(idx)
+    lse = torch.logsumexp(logits, -1)
+    ce_ref = (lse - logits.gather(-1, targets[..., None])[..., 0]).mean()
+    z_ref = (lse ** 2).mean()
+    grads_ref = torch.autograd.grad(ce_ref + 0.1 * z_ref, params, retain_graph=True)
+    assert abs(ce.item() - ce_ref.item()) < 1e-12 and abs(z.item() - z_ref.item()) < 1e-12
+    assert all(torch.allclose(g, r, atol=1e-12) for g, r in zip(grads, grads_ref))
+    assert not torch.allclose(grads[0], torch.autograd.grad(ce_ref, params[0])[0])  # z-loss moves the gradient
+
+
+def test_accounting_params_equal_numel_for_every_flag_combination():
+    combos = itertools.product(("pre", "post", "none"), ("rope", "none"), ("swiglu", "silu"), (False, True),
+                               (None, 2, 1), (False, True), ("serial", "parallel"))
+    checked = 0
+    for norm, pos, ffn, qk_norm, n_kv, tie, block in combos:
+        if norm == "post" and block == "parallel":
+            continue  # refused: see test_bad_config_values_raise_one_line_errors
+        cfg = dict(_MODEL_SHAPE, norm=norm, pos=pos, ffn=ffn, qk_norm=qk_norm, n_kv_heads=n_kv, tie_embeddings=tie,
+                   block=block)
+        model = TransformerLM(**cfg, device="meta")
+        numel = sum(v.numel() for v in model.state_dict().values())  # what a checkpoint stores
+        assert accounting(cfg)["params"]["total"] == model.num_params() == numel, cfg
+        checked += 1
+    assert checked == 240
+
+
+def test_accounting_flops_of_tinystories_and_gpt2_xl_by_hand():
+    tiny = dict(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344)
+    # multiply-adds per layer: q,k,v,o 4 * 512^2; QK^T and AV 2 * 256 * 512; SwiGLU 3 * 512 * 1344.
+    # Plus the head 512 * 10,000; 2 FLOPs per multiply-add.
+    fwd = 2 * (4 * (4 * 512 ** 2 + 2 * 256 * 512 + 3 * 512 * 1344) + 512 * 10_000)
+    assert fwd == 37_240_832
+    acc = accounting(tiny, batch_size=128)
+    assert acc["flops"]["total"] == 37_240_832
+    assert acc["params"]["total"] == 22_696_448  # 2 * 5,120,000 + 4 * (4 * 512^2 + 3 * 512 * 1344 + 2 * 512) + 512
+    assert TransformerLM(**tiny, device="meta").flops_per_token() == 37_240_832
+    mem = acc["memory"]
+    assert mem["fp32"]["params"] == mem["fp32"]["grads"] == 4 * 22_696_448 and mem["fp32"]["adam"] == 8 * 22_696_448
+    assert mem["bf16"]["adam"] == mem["fp32"]["adam"] and mem["bf16"]["activations"] < mem["fp32"]["activations"]
+    xl = dict(vocab_size=50_257, context_length=1024, d_model=1600, num_layers=48, num_heads=25, d_ff=6400)
+    acc = accounting(xl)
+    assert acc["params"]["total"] == 2 * 50_257 * 1600 + 48 * (4 * 1600 ** 2 + 3 * 1600 * 6400 + 2 * 1600) + 1600
+    assert 4.4e12 < acc["flops"]["total"] * 1024 < 4.6e12  # "about 4.5 TFLOPs per sequence"
+
+
+def test_bad_config_values_raise_one_line_errors():
+    bad = [("num_heads", dict(num_heads=3)), ("n_kv_heads", dict(n_kv_heads=3)),
+           ("logit_softcap", dict(logit_softcap=-1.0)),
+           ("norm", dict(norm="layer")), ("pos", dict(pos="alibi")), ("ffn", dict(ffn="relu")),
+           ("block", dict(block="mixed")), ("block", dict(block="parallel", norm="post")), ("d_ff", dict(d_ff=0))]
+    for key, flags in bad:
+        try:
+            TransformerLM(**{**_MODEL_SHAPE, **flags})
+        except ValueError as e:
+            assert key in str(e) and "\n" not in str(e), (key, str(e))
+        else:
+            raise AssertionError(f"{flags} was accepted")
+    try:
+        _model_build()(torch.zeros(1, 13, dtype=torch.long))
+    except ValueError as e:
+        assert "context_length" in str(e)
+    else:
+        raise AssertionError("a sequence longer than the context was accepted")
+
+
+def test_kv_cache_prefill_matches_full_forward():
+    for flags in (dict(), dict(n_kv_heads=2, qk_norm=True), dict(pos="none", block="parallel")):
+        model = _model_build(**flags)
+        idx = torch.randint(0, 23, (2, 10), generator=torch.Generator().manual_seed(1))
+        cache = model.new_kv_cache(batch_size=2)
+        parts = [model(idx[:, a:b], cache) for a, b in ((0, 3), (3, 7), (7, 8), (8, 10))]  # prefill, then chunks
+        assert cache.length == 10
+        assert torch.allclose(torch.cat(parts, 1), model(idx), atol=1e-12), flags
+
+
+def test_kv_cache_greedy_equals_recompute_inside_and_past_the_window():
+    for flags in (dict(), dict(n_kv_heads=1, qk_norm=True, tie_embeddings=True)):
+        model = _model_build(**flags)
+        for prompt in ([5, 1, 7], list(range(15))):  # short; longer than the context (12): cropped
+            ref = _model_greedy_by_recompute(model, prompt, 25)  # runs 2x past the 12-token window
+            assert generate(model, prompt, 25, temperature=0.0) == ref, (flags, prompt)
+            assert generate(model, prompt, 25, temperature=0.0, use_cache=False) == ref
+            eos = ref[6]
+            assert generate(model, prompt, 25, temperature=0.0, eos_id=eos) == ref[:ref.index(eos)]
+
+
+def test_seeded_sampling_reproducible_and_greedy_ignores_seed():
+    model = _model_build()
+    sample = lambda seed, **kw: generate(model, [3, 4], 20, generator=torch.Generator().manual_seed(seed), **kw)
+    assert sample(0, temperature=1.5) == sample(0, temperature=1.5)
+    assert sample(0, temperature=1.5) != sample(1, temperature=1.5)
+    assert sample(0, temperature=0.0) == sample(1, temperature=0.0) == _model_greedy_by_recompute(model, [3, 4], 20)
+    assert sample(0, temperature=1.0, top_p=1e-9) == sample(0, temperature=0.0)  # nucleus of one token = greedy
+    for prompt, kwargs, word in (([], {}, "empty"), ([3], dict(temperature=-1.0), "temperature"),
+                                 ([3], dict(top_p=0.0), "top_p")):
+        try:
+            generate(model, prompt, 5, **kwargs)
+        except ValueError as e:
+            assert word in str(e)
+        else:
+            raise AssertionError(f"{prompt}, {kwargs} was accepted")
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3], dtype=torch.float64)
+    expect = {0.3: [0, 1, 0, 0], 0.5: [0, 1, 0, 0], 0.7: [0, 0.5, 0, 0.3], 0.9: [0, 0.5, 0.15, 0.3],
+              0.99: [0.05, 0.5, 0.15, 0.3]}
+    for p, kept in expect.items():
+        kept = torch.tensor(kept, dtype=torch.float64)
+        assert torch.allclose(top_p_filter(probs.clone(), p), kept / kept.sum()), p
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=32, context_length=16, d_model=32, num_layers=2, num_heads=2)
+    idx = torch.randint(0, 32, (4, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for step in range(300):
+        ce, _ = model.loss(idx[:, :-1], idx[:, 1:])
+        if ce.item() < 0.1:
+            break
+        opt.zero_grad()
+        ce.backward()
+        opt.step()
+    assert ce.item() < 0.1, (step, ce.item())
+
+
+def test_activation_memory_estimate_matches_tensors_saved_for_backward():
+    cfg = dict(vocab_size=500, context_length=32, d_model=64, num_layers=2, num_heads=4, qk_norm=True)
+    model = TransformerLM(**cfg)
+    idx = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(1))
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for bf16 in (False, True):
+        saved = {}
+
+        def pack(t):  # every tensor autograd keeps, counted once per storage; parameters are not activations
+            if t.untyped_storage().data_ptr() not in param_storages:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        autocast = torch.autocast("cpu", torch.bfloat16, enabled=bf16)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            model.loss(idx, idx)
+        estimate = model.memory_estimate(batch_size=2, autocast_bf16=bf16)["activations"]
+        assert abs(estimate / sum(saved.values()) - 1) < 0.1, (bf16, estimate, sum(saved.values()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer, data, training loop (optim.py, data.py, train.py)
+# ----------------------------------------------------------------------------------------------------
+
+_PIPELINE_TINY = dict(vocab_size=64, context_length=16, d_model=16, num_layers=1, num_heads=2, d_ff=32, batch_size=4,
+                      lr=3e-3, min_lr=3e-4, warmup_iters=2, cosine_iters=12, eval_iters=2, eval_interval=4,
+                      log_interval=1, device="cpu", dtype="float32", seed=7)
+
+
+def _pipeline_tokens(path, n=4000, vocab=64, seed=0):
+    """A .bin of uint16 ids with learnable structure: mostly id+1 after id, sometimes a random id."""
+    rng = np.random.default_rng(seed)
+    ids = np.cumsum(rng.integers(0, 4, n) == 0).astype(np.int64) + rng.integers(0, 2, n)
+    np.asarray(ids % vocab, dtype="<u2").tofile(path)
+    return path
+
+
+def _pipeline_cfg(root, **overrides):
+    """A full config for a tiny run in root, on prepared .bin data."""
+    bins = [os.path.join(root, name) for name in ("train.bin", "val.bin")]
+    for seed, path in enumerate(bins):
+        if not os.path.exists(path):
+            _pipeline_tokens(path, seed=seed)
+    paths = dict(train_data=bins[0], val_data=bins[1], tokenizer_dir=os.path.join(root, "tok"),
+                 out_dir=os.path.join(root, "out"))
+    return {**train.DEFAULTS, **_PIPELINE_TINY, **paths, **overrides}
+
+
+def _pipeline_rows(out_dir, columns=("step", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "grad_norm",
+                                     "z_loss", "status")):
+    """log.csv rows, keeping the columns that do not depend on wall-clock time."""
+    with open(os.path.join(out_dir, "log.csv"), newline="") as f:
+        return [tuple(row[c] for c in columns) for row in csv.DictReader(f)]
+
+
+def _pipeline_assert_same_params(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def _pipeline_adamw_reference(params, grads_per_step, groups):
+    """CS336 Algorithm 1 in float64, one scalar at a time. groups: [(indices, lr, wd)], betas 0.9/0.99, eps 1e-8."""
+    b1, b2, eps = 0.9, 0.99, 1e-8
+    theta = [p.double().flatten().tolist() for p in params]
+    m = [[0.0] * len(t) for t in theta]
+    v = [[0.0] * len(t) for t in theta]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for indices, lr, wd in groups:
+            for i in indices:
+                g = grads[i].double().flatten().tolist()
+                for j in range(len(g)):
+                    m[i][j] = b1 * m[i][j] + (1 - b1) * g[j]
+                    v[i][j] = b2 * v[i][j] + (1 - b2) * g[j] ** 2
+                    alpha = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+                    theta[i][j] -= alpha * m[i][j] / (math.sqrt(v[i][j]) + eps)
+                    theta[i][j] -= lr * wd * theta[i][j]
+    return [torch.tensor(t, dtype=torch.float64).view_as(p) for t, p in zip(theta, params)]
+
+
+def test_adamw_matches_written_out_algorithm():
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(5)]
+    expected = _pipeline_adamw_reference(init, grads, [([0], 1e-2, 0.1), ([1], 3e-2, 0.0)])
+    for foreach in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = AdamW([{"params": [params[0]]}, {"params": [params[1]], "lr": 3e-2, "weight_decay": 0.0}],
+                    lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, foreach=foreach)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        for p, e in zip(params, expected):
+            assert torch.allclose(p.detach(), e, rtol=0, atol=1e-12), (foreach, (p - e).abs().max())
+
+
+def test_adamw_foreach_agrees_with_loop_in_float32():
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(8, 16), (16,), (3, 5, 7)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
+    results = []
+    for foreach in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = AdamW(params, lr=1e-2, weight_decay=0.05, foreach=foreach)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append(params)
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7), (a - b).abs().max()
+
+
+def test_adamw_matches_torch_adamw_without_weight_decay():
+    gen = torch.Generator().manual_seed(2)
+    init = torch.randn(20, generator=gen, dtype=torch.float64)
+    ours, theirs = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    opt_ours = AdamW([ours], lr=1e-2, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    opt_theirs = torch.optim.AdamW([theirs], lr=1e-2, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    for _ in range(6):
+        g = torch.randn(20, generator=gen, dtype=torch.float64)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-10)
+
+
+def test_adamw_state_dict_round_trip():
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(6, generator=gen)
+    grads = [torch.randn(6, generator=gen) for _ in range(6)]
+
+    def run(params, opt, steps):
+        for g in steps:
+            params.grad = g.clone()
+            opt.step()
+
+    straight = torch.nn.Parameter(init.clone())
+    opt = AdamW([straight], lr=1e-2)
+    run(straight, opt, grads)
+    first = torch.nn.Parameter(init.clone())
+    opt1 = AdamW([first], lr=1e-2)
+    run(first, opt1, grads[:3])
+    buffer = io.BytesIO()
+    torch.save(opt1.state_dict(), buffer)
+    buffer.seek(0)
+    second = torch.nn.Parameter(first.detach().clone())
+    opt2 = AdamW([second], lr=5.0)  # lr comes back from the state dict
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    assert opt2.param_groups[0]["lr"] == 1e-2 and opt2.state[second]["step"] == 3
+    run(second, opt2, grads[3:])
+    assert torch.equal(second, straight)
+
+
+def test_cosine_lr_known_points():
+    expected = {0: 0.0, 3: 3 / 7, 7: 1.0, 8: 0.9887175604818206, 14: 0.55, 20: 0.11128243951817937, 21: 0.1, 30: 0.1}
+    for t, lr in expected.items():
+        assert math.isclose(cosine_lr(t, 1.0, 0.1, 7, 21), lr, rel_tol=1e-12, abs_tol=1e-15), (t, lr)
+    assert cosine_lr(5, 2e-3, 2e-4, 0, 10) < 2e-3 and cosine_lr(0, 2e-3, 2e-4, 0, 10) == 2e-3  # no warm-up
+
+
+def test_clip_grad_norm_hand_computed():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])  # global norm sqrt(9 + 16 + 144) = 13
+    norm = clip_grad_norm([a, b], max_norm=1.0)
+    assert math.isclose(float(norm), 13.0, rel_tol=1e-6)
+    scale = 1.0 / (13.0 + 1e-6)
+    assert torch.allclose(a.grad, torch.tensor([3 * scale, 4 * scale]))
+    assert torch.allclose(b.grad, torch.tensor([12 * scale]))
+    a.grad, b.grad = torch.tensor([0.3, 0.4]), torch.tensor([1.2])  # norm 1.3 < 2: untouched
+    assert math.isclose(float(clip_grad_norm([a, b], max_norm=2.0)), 1.3, rel_tol=1e-6)
+    assert torch.equal(a.grad, torch.tensor([0.3, 0.4])) and torch.equal(b.grad, torch.tensor([1.2]))
+
+
+def test_get_batch_shapes_shift_range_and_reproducibility():
+    x = np.arange(50, dtype=np.uint16)
+    seen = set()
+    for seed in range(200):
+        inputs, targets = data.get_batch(x, 4, 8, "cpu", torch.Generator().manual_seed(seed))
+        assert inputs.shape == targets.shape == (4, 8) and inputs.dtype == targets.dtype == torch.int64
+        assert torch.equal(targets, inputs + 1) and torch.equal(inputs, inputs[:, :1] + torch.arange(8))
+        seen.update(inputs[:, 0].tolist())
+    assert seen == set(range(50 - 8))  # every start 0..len-context-1, and none beyond
+    a = data.get_batch(x, 4, 8, "cpu", torch.Generator().manual_seed(5))
+    b = data.get_batch(x, 4, 8, "cpu", torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0])
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "t.bin")
+        x.astype("<u2").tofile(path)
+        c = data.get_batch(data.load_tokens(path, 64), 4, 8, "cpu", torch.Generator().manual_seed(5))
+        assert torch.equal(a[0], c[0])
+
+
+def test_load_tokens_refuses_odd_bytes_and_out_of_range_ids():
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "t.bin")
+        with open(path, "wb") as f:
+            f.write(b"\x01\x00\x02")
+        try:
+            data.load_tokens(path, 100)
+            assert False, "odd byte count accepted"
+        except ValueError as e:
+            assert path in str(e) and "3 bytes" in str(e) and "\n" not in str(e)
+        np.array([1, 2, 700, 3], dtype="<u2").tofile(path)
+        try:
+            data.load_tokens(path, 512)
+            assert False, "id 700 accepted with vocab 512"
+        except ValueError as e:
+            assert path in str(e) and "700" in str(e) and "512" in str(e) and "\n" not in str(e)
+        with open(path + ".json") as f:
+            assert json.load(f)["max_id"] == 700  # cached for the next load
+        assert data.load_tokens(path, 701).tolist() == [1, 2, 700, 3]
+        np.array([1, 2, 3, 4, 5, 9000], dtype="<u2").tofile(path)  # new size: the cache must not be trusted
+        try:
+            data.load_tokens(path, 701)
+            assert False, "stale cache used"
+        except ValueError as e:
+            assert "9000" in str(e)
+
+
+def test_configure_files_and_overrides():
+    with tempfile.TemporaryDirectory() as root:
+        with open(os.path.join(root, "base.py"), "w") as f:
+            f.write("lr = 1\nbatch_size = 16\nnum_layers = 8\n")
+        with open(os.path.join(root, "child.py"), "w") as f:
+            f.write("include('base.py')\nnum_layers = 2\nmin_lr = lr / 10\n")
+        cfg = train.configure(train.DEFAULTS, [os.path.join(root, "child.py"), "--batch_size=8", "--betas=(0.8, 0.9)",
+                                               "--compile=true", "--target_val_loss=1.5", "--out_dir=2024",
+                                               "--max_iters=1e3", "--device=cpu", "--d_ff=96"])
+    assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float) and cfg["min_lr"] == 0.1
+    assert cfg["num_layers"] == 2 and cfg["batch_size"] == 8 and cfg["betas"] == (0.8, 0.9)
+    assert cfg["compile"] is True and cfg["target_val_loss"] == 1.5 and cfg["out_dir"] == "2024"
+    assert cfg["max_iters"] == 1000 and isinstance(cfg["max_iters"], int)
+    assert cfg["device"] == "cpu" and cfg["d_ff"] == 96
+    assert set(cfg) == set(train.DEFAULTS)
+
+
+def test_configure_errors_name_the_key():
+    def message(argv=(), **cfg):
+        try:
+            if cfg:
+                train.check_config(dict(train.DEFAULTS, **cfg))
+            else:
+                train.configure(train.DEFAULTS, list(argv))
+        except ValueError as e:
+            assert "\n" not in str(e)
+            return str(e)
+        raise AssertionError(f"accepted {argv or cfg}")
+
+    assert "'lrr'" in message(["--lrr=1"]) and "'lr'" in message(["--lrr=1"])
+    assert "batch_size" in message(["--batch_size=abc"]) and "int" in message(["--batch_size=abc"])
+    assert "compile" in message(["--compile=1"])  # ints are not booleans
+    assert "max_iters" in message(["--max_iters=2.5"])
+    assert "batch_size" in message(batch_size=0) and "dtype" in message(dtype="float16")
+    assert "betas" in message(betas=(0.9, 1.0)) and "diverge_factor" in message(diverge_factor=0.5)
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "c.py")
+        with open(path, "w") as f:
+            f.write("leraning_rate = 3e-3\n")
+        assert "leraning_rate" in message([path])
+
+
+def test_cli_bad_key_exits_2_without_traceback():
+    repo = os.path.dirname(os.path.abspath(train.__file__))
+    proc = subprocess.run([sys.executable, "train.py", "--nope=1"], cwd=repo, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("error: ") and "'nope'" in proc.stderr
+
+
+def test_checkpoint_round_trip_through_file_object():
+    torch.manual_seed(0)
+    model = train.TransformerLM(64, 16, 16, 1, 2, d_ff=32)
+    opt = AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 64, (2, 16))
+    model.loss(x, x)[0].backward()
+    opt.step()
+    buffer = io.BytesIO()
+    train.save_checkpoint(model, opt, 5, buffer, config={"lr": 1e-3}, tokenizer_dir="tok")
+    buffer.seek(0)
+    model2 = train.TransformerLM(**model.config)
+    opt2 = AdamW(model2.parameters(), lr=1.0)
+    assert train.load_checkpoint(buffer, model2, opt2) == 5
+    _pipeline_assert_same_params(model, model2)
+    assert opt2.param_groups[0]["lr"] == 1e-3
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        for moment in ("m", "v"):
+            assert torch.equal(opt.state[p][moment], opt2.state[p2][moment])
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    assert ckpt["model_config"] == model.config and ckpt["tokenizer_dir"] == "tok" and ckpt["config"] == {"lr": 1e-3}
+
+
+def test_resume_gives_bitwise_the_same_run():
+    with tempfile.TemporaryDirectory() as root:
+        whole = train.main(_pipeline_cfg(root, out_dir=os.path.join(root, "whole"), max_iters=10, z_loss=1e-3))
+        split_dir = os.path.join(root, "split")
+        train.main(_pipeline_cfg(root, out_dir=split_dir, max_iters=6, z_loss=1e-3))
+        with open(os.path.join(split_dir, "log.csv"), "a") as f:
+            f.write("7,999,1.0,0.1,9.9,,,1.0,1.0,0.0,0.0,\n8,1")  # rows past the checkpoint, one cut off: dropped
+        resumed = train.main(_pipeline_cfg(root, out_dir=split_dir, max_iters=10, z_loss=1e-3, resume=True))
+        assert whole["status"] == resumed["status"] == "done" and whole["step"] == resumed["step"] == 10
+        rows = _pipeline_rows(os.path.join(root, "whole"))
+        assert [int(r[0]) for r in rows] == list(range(11)) and rows[4][4] and rows[8][4]  # val at 0, 4, 8, 10
+        split_rows = _pipeline_rows(split_dir)  # the same, plus a val loss at 6 (where the first part ended)
+        assert split_rows[:6] + split_rows[7:] == rows[:6] + rows[7:] and split_rows[6][:4] == rows[6][:4]
+        assert split_rows[6][4] and not rows[6][4]
+        _pipeline_assert_same_params(whole["model"], resumed["model"])
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly():
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _pipeline_cfg(root, max_iters=100000, eval_interval=1000, cosine_iters=100000)
+        log = os.path.join(cfg["out_dir"], "log.csv")
+
+        finished = threading.Event()
+
+        def interrupt_after_three_rows():
+            while not os.path.exists(log) or sum(1 for _ in open(log)) < 5:  # header and steps 0..3
+                if finished.wait(0.01):
+                    return  # main() ended on its own (a failure): never signal the test runner
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt_after_three_rows, daemon=True).start()
+        try:
+            stopped = train.main(cfg)
+        finally:
+            finished.set()
+        assert stopped["status"] == "interrupted" and 3 <= stopped["step"] < 1000
+        ckpt = train.read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        assert ckpt["iteration"] == stopped["step"]
+        end = stopped["step"] + 3
+        resumed = train.main(dict(cfg, max_iters=end, resume=True))
+        whole = train.main(dict(cfg, max_iters=end, out_dir=os.path.join(root, "whole")))
+        assert resumed["step"] == whole["step"] == end
+        _pipeline_assert_same_params(whole["model"], resumed["model"])
+        assert _pipeline_rows(cfg["out_dir"]) == _pipeline_rows(os.path.join(root, "whole"))
+
+
+def test_resume_refuses_other_flags_and_corrupt_checkpoints():
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _pipeline_cfg(root, max_iters=2)
+        train.main(cfg)
+        for changes, named in (({"d_model": 32}, "d_model"), ({"pos": "none", "z_loss": 0.1}, "z_loss")):
+            try:
+                train.main(dict(cfg, resume=True, **changes))
+                assert False, f"resumed with {changes}"
+            except ValueError as e:
+                message = str(e)
+            assert named in message and "\n" not in message
+        assert "pos (checkpoint 'rope', now 'none')" in message
+        path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        with open(path, "rb") as f:
+            good = f.read()
+        for damaged in (good[: len(good) // 2], b"not a checkpoint at all"):
+            with open(path, "wb") as f:
+                f.write(damaged)
+            try:
+                train.main(dict(cfg, resume=True, max_iters=4))
+                assert False, "corrupt checkpoint accepted"
+            except ValueError as e:
+                assert path in str(e) and "corrupt" in str(e) and "\n" not in str(e)
+
+
+def test_divergence_stops_early_and_keeps_the_last_good_checkpoint():
+    with tempfile.TemporaryDirectory() as root:
+        # A training loss above 3x its start (lr 50), then non-finite losses with the factor off (lr 1e30), caught
+        # by the training step (eval every 100) or by the validation at step 1 (eval every step).
+        for lr, factor, every in ((50.0, 3.0, 100), (1e30, 0.0, 100), (1e30, 0.0, 1)):
+            cfg = _pipeline_cfg(root, lr=lr, min_lr=0.0, warmup_iters=0, max_iters=200, diverge_factor=factor,
+                                eval_interval=every, out_dir=os.path.join(root, f"lr{lr}_{every}"))
+            result = train.main(cfg)
+            assert result["status"] == "diverged" and result["step"] < 5, result
+            last = _pipeline_rows(cfg["out_dir"])[-1]
+            assert last[-1] == "diverged" and int(last[0]) == result["step"] + (every == 100)
+            if factor:
+                assert float(last[3]) > factor * math.log(64) * 0.9, last
+            else:
+                losses = (last[3] or "nan", last[4] or "nan", last[6] or "nan")  # train, val, grad norm
+                assert not all(math.isfinite(float(v)) for v in losses), last
+            ckpt = train.read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+            assert ckpt["iteration"] < int(last[0]) and all(t.isfinite().all() for t in ckpt["model"].values())
+            model = train.TransformerLM(**ckpt["model_config"])
+            train.load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), model, None)
+            x = torch.randint(0, 64, (2, 16))
+            assert math.isfinite(model.loss(x, x)[0].item())
+
+
+def test_target_val_loss_stops_the_run():
+    with tempfile.TemporaryDirectory() as root:
+        result = train.main(_pipeline_cfg(root, max_iters=50, target_val_loss=100.0))
+        assert result["status"] == "target" and result["step"] == 0
+        assert _pipeline_rows(os.path.join(root, "out"))[-1][-1] == "target"
+
+
+def test_raw_text_trains_tokenizer_once_and_caches_token_files():
+    with tempfile.TemporaryDirectory() as root:
+        rng = np.random.default_rng(0)
+        words = ["".join(rng.choice(list("abcdefghijklmnop"), rng.integers(2, 7))) for _ in range(300)]
+        for name, n in (("train.txt", 300), ("val.txt", 40)):
+            with open(os.path.join(root, name), "w") as f:
+                f.write("<|endoftext|>".join(" ".join(rng.choice(words, 12)) + "." for _ in range(n)))
+        cfg = dict(_pipeline_cfg(root, max_iters=2, vocab_size=300), train_data=os.path.join(root, "train.txt"),
+                   val_data=os.path.join(root, "val.txt"))
+        assert train.main(cfg)["status"] == "done"
+        bins = [os.path.join(cfg["tokenizer_dir"], name) for name in ("train.bin", "val.bin")]
+        stamps = [os.stat(p).st_mtime_ns for p in bins + [os.path.join(cfg["tokenizer_dir"], "vocab.json")]]
+        train.main(cfg)
+        assert stamps == [os.stat(p).st_mtime_ns for p in bins + [os.path.join(cfg["tokenizer_dir"], "vocab.json")]]
+        with open(os.path.join(cfg["out_dir"], "config.json")) as f:
+            assert json.load(f)["vocab_size"] == 300
+        assert train.main(dict(cfg, train_data=bins[0], val_data=bins[1], tokenizer_dir="unused"))["status"] == "done"
+        try:
+            train.main(dict(cfg, vocab_size=400))
+            assert False, "tokenizer / vocab_size mismatch accepted"
+        except ValueError as e:
+            assert "vocab_size" in str(e) and "300" in str(e)
+
+
+def test_repository_configs_resolve():
+    repo = os.path.dirname(os.path.abspath(train.__file__))
+    configs = {name: train.configure(train.DEFAULTS, [os.path.join(repo, "config", name + ".py")])
+               for name in ("demo", "tinystories", "tinystories_no_norm", "tinystories_post_norm", "tinystories_nope",
+                            "tinystories_silu", "owt")}
+    base = configs["tinystories"]
+    assert base["batch_size"] * base["context_length"] * base["max_iters"] == 327_680_000
+    shape = tuple(base[k] for k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"))
+    assert shape == (10000, 256, 512, 4, 16, 1344) and base["target_val_loss"] == 1.45
+    assert configs["tinystories_no_norm"]["norm"] == "none" and configs["tinystories_no_norm"]["lr"] < base["lr"]
+    assert configs["tinystories_post_norm"]["norm"] == "post" and configs["tinystories_nope"]["pos"] == "none"
+    assert configs["tinystories_silu"]["ffn"] == "silu" and configs["tinystories_silu"]["d_ff"] == 2048
+    assert configs["owt"]["vocab_size"] == 32000 and len({c["out_dir"] for c in configs.values()}) == len(configs)
+
+
+def test_ddp_two_gloo_processes_match_one_process_on_the_concatenated_batch():
+    repo = os.path.dirname(os.path.abspath(train.__file__))
+    with tempfile.TemporaryDirectory() as root:
+        steps = 3
+        # eps and no clipping make the update depend on the gradient's scale (Adam alone would hide a sum vs a mean).
+        cfg = _pipeline_cfg(root, max_iters=steps, eval_interval=100, warmup_iters=0, grad_clip=0.0, eps=1e-2)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        worker = ("import json, sys, torch, train; cfg = json.loads(sys.argv[1]); "
+                  "torch.save(train.main(cfg)['model'].state_dict(), sys.argv[2])")
+        procs = [subprocess.Popen([sys.executable, "-c", worker, json.dumps(cfg), os.path.join(root, f"rank{r}.pt")],
+                                  cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+                 for r in range(2)]
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outputs
+        ranks = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+        for name in ranks[0]:
+            assert torch.equal(ranks[0][name], ranks[1][name]), name
+        rows = _pipeline_rows(cfg["out_dir"])
+        assert [int(r[0]) for r in rows] == [0, 1, 2, 3]  # one writer: rank 0
+
+        # One process, the same initial weights, each step on both ranks' batches concatenated.
+        model = train.main(dict(cfg, max_iters=0, out_dir=os.path.join(root, "init")))["model"]
+        tokens = data.load_tokens(cfg["train_data"], cfg["vocab_size"])
+        opt = AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                     {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                    lr=cfg["lr"], betas=cfg["betas"], eps=cfg["eps"], weight_decay=cfg["weight_decay"])
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, cfg["lr"], cfg["min_lr"], cfg["warmup_iters"], cfg["cosine_iters"])
+            generators = [torch.Generator().manual_seed(train.batch_seed(cfg["seed"], r, step)) for r in range(2)]
+            batches = [data.get_batch(tokens, cfg["batch_size"], cfg["context_length"], "cpu", g) for g in generators]
+            x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            loss = model.loss(x, y)[0]
+            loss.backward()
+            opt.step()
+            if step == 0:  # the logged loss is the mean over ranks (at step 1 the smoothed loss is the raw one)
+                assert math.isclose(float(rows[1][3]), loss.item(), rel_tol=1e-5), (rows[1], loss.item())
+            opt.zero_grad()
+        for name, p in model.state_dict().items():
+            assert torch.allclose(p, ranks[0][name], rtol=1e-4, atol=1e-6), (name, (p - ranks[0][name]).abs().max())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run logs and plots (plot.py)
+# ----------------------------------------------------------------------------------------------------
+
+_PLOT_HEADER = "step,tokens,elapsed_s,lr,train_loss,val_loss,val_ppl,grad_norm,tokens_per_s,mfu,z_loss,status"
+
+
+def _plot_write_run(root, name, config, rows, tail=""):
+    """A run dir as train.py writes it. rows: (step, train_loss, val_loss or None, status);
+    tokens = 1000 * step, elapsed_s = step / 2, tokens_per_s = 2000. `tail` is appended as-is (a cut-off line)."""
+    run_dir = os.path.join(root, name)
+    os.makedirs(run_dir)
+    lines = [_PLOT_HEADER]
+    for step, train, val, status in rows:
+        val_cells = "," if val is None else f"{val},{math.exp(val)}"
+        lines.append(f"{step},{1000 * step},{step / 2},0.001,{train},{val_cells},1.0,2000,0.01,0.0,{status}")
+    with open(os.path.join(run_dir, "log.csv"), "w") as f:
+        f.write("\n".join(lines) + "\n" + tail)
+    if config is not None:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(config, f)
+    return run_dir
+
+
+def _plot_three_runs(root):
+    """lr=0.001 healthy; lr=0.1 stopped by train.py ('diverged'); lr=0.03 with an inf loss but no status."""
+    _plot_write_run(root, "lr_a", {"out_dir": "out/lr_a", "lr": 0.001, "d_model": 64},
+                    [(0, 9.0, 9.1, ""), (10, 4.0, None, ""), (20, 3.0, 3.2, ""), (30, 2.4, 2.5, ""),
+                     (40, 2.2, 2.6, "")])
+    _plot_write_run(root, "lr_b", {"out_dir": "out/lr_b", "lr": 0.1, "d_model": 64},
+                    [(0, 9.0, 9.1, ""), (10, 5.0, 4.0, ""), (20, 7.0, None, ""), (30, math.nan, None, "diverged")])
+    _plot_write_run(root, "lr_c", {"out_dir": "out/lr_c", "lr": 0.03, "d_model": 64},
+                    [(0, 9.0, 9.1, ""), (10, 3.5, 3.4, ""), (20, math.inf, math.inf, "")])
+
+
+def _plot_main(argv, hide_matplotlib=False):
+    """Run plot.main in-process -> (exit code, stdout, stderr). hide_matplotlib makes `import matplotlib` fail."""
+    names = [k for k in sys.modules if k.split(".")[0] == "matplotlib"] + ["matplotlib"]
+    saved = {k: sys.modules[k] for k in names if k in sys.modules}
+    if hide_matplotlib:
+        sys.modules.update(dict.fromkeys(names, None))  # a None entry makes import raise ImportError
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = plot.main(argv)
+    finally:
+        for k in names:
+            sys.modules.pop(k, None)
+        sys.modules.update(saved)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _plot_matplotlib_importable():
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        return False
+    return True
+
+
+def _plot_md_table(text):
+    """Markdown table -> {run label: [cells after the label]}."""
+    lines = [line.strip().strip("|") for line in text.splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in line.split("|")] for line in lines]
+    assert rows[0] == ["run", "best val", "final val", "tokens", "wall time", "tokens/s", "diverged"], rows[0]
+    return {cells[0]: cells[1:] for cells in rows[2:]}
+
+
+def _plot_check_three(table):
+    assert set(table) == {"lr=0.001", "lr=0.1", "lr=0.03"}, table  # only the differing key; out_dir is ignored
+    assert table["lr=0.001"] == ["2.5000", "2.6000", "40k", "20s", "2k", "no"]
+    assert table["lr=0.1"] == ["4.0000", "4.0000", "30k", "15s", "2k", "yes"]
+    assert table["lr=0.03"][:2] == ["3.4000", "inf"] and table["lr=0.03"][-1] == "yes"
+
+
+def test_plot_table_and_png():
+    with tempfile.TemporaryDirectory() as tmp:
+        _plot_three_runs(tmp)
+        png = os.path.join(tmp, "fig", "curves.png")
+        code, out, err = _plot_main([os.path.join(tmp, "lr_*"), f"--out={png}", "--table=md"])
+        assert code == 0, err
+        _plot_check_three(_plot_md_table(out))
+        if _plot_matplotlib_importable():
+            with open(png, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+            assert os.path.getsize(png) > 10_000 and not os.path.exists(png + ".tmp")
+        else:
+            assert not os.path.exists(png) and "pip install matplotlib" in err
+
+
+def test_plot_without_matplotlib():
+    with tempfile.TemporaryDirectory() as tmp:
+        _plot_three_runs(tmp)
+        code, out, err = _plot_main([os.path.join(tmp, "lr_*")], hide_matplotlib=True)
+        assert code == 0, err
+        assert not os.path.exists(os.path.join(tmp, "plot.png"))
+        assert [line for line in err.splitlines() if "pip install matplotlib" in line], err
+        lines = out.splitlines()  # plain-text table: header, then one row per run in glob order
+        assert lines[0].split()[:3] == ["run", "best", "val"] and len(lines) == 4
+        assert lines[1].split() == ["lr=0.001", "2.5000", "2.6000", "40k", "20s", "2k", "no"]
+
+
+def test_plot_labels_name_differing_keys():
+    configs = {"a": {"out_dir": "x/a", "lr": 0.01, "betas": [0.9, 0.95], "norm": "pre"},
+               "b": {"out_dir": "x/b", "lr": 0.01, "betas": [0.9, 0.95], "norm": "pre"},
+               "c": {"out_dir": "x/c", "lr": 0.1, "betas": [0.9, 0.99], "norm": "pre"},
+               "d": {}}  # no config.json: labelled by its directory
+    runs = [plot.Run(os.path.join("x", name), config, []) for name, config in configs.items()]
+    plot.label_runs(runs)
+    assert [r.label for r in runs] == ["lr=0.01 betas=[0.9,0.95] (a)", "lr=0.01 betas=[0.9,0.95] (b)",
+                                       "lr=0.1 betas=[0.9,0.99]", "d"], [r.label for r in runs]
+
+
+def test_plot_auto_ylim_skips_start_and_diverged_runs():
+    with tempfile.TemporaryDirectory() as tmp:
+        _plot_three_runs(tmp)
+        runs = [plot.read_run(os.path.join(tmp, name)) for name in ("lr_a", "lr_b", "lr_c")]
+        # healthy run after its first 10% of tokens: min 2.2, max 4.0; diverged runs only lower the floor
+        lo, hi = plot.auto_ylim(runs)
+        assert abs(lo - (2.2 - 0.09)) < 1e-9 and abs(hi - (4.0 + 0.09)) < 1e-9, (lo, hi)
+
+
+def test_plot_bad_inputs_reported_others_kept():
+    good = [(0, 9.0, 9.1, ""), (10, 3.0, 3.1, ""), (20, 2.5, 2.7, "")]
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "no_log"))
+        _plot_write_run(tmp, "good", {"seed": 1, "lr": 0.01}, good)
+        _plot_write_run(tmp, "cut", {"seed": 2, "lr": 0.01}, good, tail="30,30000,15.0,0.001,2.4,2.")
+        _plot_write_run(tmp, "bad_number", {"seed": 3}, [(0, 9.0, 9.1, ""), (10, "abc", 3.0, "")])
+        open(os.path.join(_plot_write_run(tmp, "empty", {"seed": 4}, []), "log.csv"), "w").close()
+        with open(os.path.join(_plot_write_run(tmp, "other_csv", {"seed": 5}, []), "log.csv"), "w") as f:
+            f.write("a,b\n1,2\n")
+        names = ["no_log", "good", "cut", "bad_number", "empty", "other_csv", "missing"]
+        code, out, err = _plot_main([os.path.join(tmp, n) for n in names] + ["--table=md"], hide_matplotlib=True)
+        assert code == 0, err
+        table = _plot_md_table(out)
+        assert table == {"seed=1": ["2.7000", "2.7000", "20k", "10s", "2k", "no"],
+                         "seed=2": ["2.7000", "2.7000", "20k", "10s", "2k", "no"]}, table  # cut line skipped
+        for name, problem in [("no_log", "no log.csv"), ("cut", "incomplete"), ("bad_number", "line 3"),
+                              ("empty", "empty"), ("other_csv", "lacks column(s) tokens, elapsed_s"),
+                              ("missing", "no such directory")]:
+            lines = [line for line in err.splitlines() if os.path.join(tmp, name) in line]
+            assert len(lines) == 1 and problem in lines[0], (name, err)
+
+
+def test_plot_cli_exit_2_when_nothing_readable():
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "no_log"))
+        open(os.path.join(_plot_write_run(tmp, "empty", None, []), "log.csv"), "w").close()
+        script = os.path.join(os.path.dirname(os.path.abspath(plot.__file__)), "plot.py")
+        result = subprocess.run([sys.executable, script, os.path.join(tmp, "*")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stdout == "", result
+        for problem in ("no log.csv", "log.csv is empty", "no run could be read"):
+            assert problem in result.stderr, result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast GPU path (kernels.py)
+# ----------------------------------------------------------------------------------------------------
+
+def _kernels_check(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
+    """Assert |got - want| <= atol + rtol * |want| everywhere; print one `name OK maxdiff=...` line."""
+    diff = (got.double() - want.double()).abs()
+    assert (diff <= atol + rtol * want.double().abs()).all(), f"{name}: maxdiff={diff.max().item():.2e}"
+    print(f"  {name} OK maxdiff={diff.max().item():.1e}")
+
+
+def _kernels_triton_ready() -> bool:
+    """True when the Triton kernels will run; otherwise print why the test is skipped."""
+    if not kernels.HAS_TRITON:
+        print("  skipped: Triton is not importable here (CPU build of torch); the kernels run only where it is")
+    elif not kernels.available():
+        print("  skipped: Triton is importable but TRITON_INTERPRET=1 was not set before kernels was imported")
+    return kernels.available()
+
+
+def _kernels_rope(seq: int, d: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE written out: (seq, d, d) float64 block-diagonal 2x2 rotations of the pairs (x[2k], x[2k+1]) by
+    pos * theta^(-2k/d), and the (seq, d/2) float32 cos, sin tables the kernel takes."""
+    rotation = torch.zeros(seq, d, d, dtype=torch.float64)
+    cos, sin = torch.zeros(seq, d // 2), torch.zeros(seq, d // 2)
+    for pos in range(seq):
+        for k in range(d // 2):
+            angle = pos * theta ** (-2 * k / d)
+            cos[pos, k], sin[pos, k] = math.cos(angle), math.sin(angle)
+            rotation[pos, 2 * k:2 * k + 2, 2 * k:2 * k + 2] = torch.tensor(
+                [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
+    return rotation, cos, sin
+
+
+def _kernels_attention64(q, k, v, causal, rotation):
+    """softmax(R q (R k)^T / sqrt(d)) v in float64, query head h reading kv head h // (heads / kv_heads)."""
+    q, k, v = q.double(), k.double(), v.double()
+    seq, d = q.shape[2], q.shape[3]
+    if rotation is not None:
+        q = torch.einsum("tij,bhtj->bhti", rotation[:seq], q)
+        k = torch.einsum("tij,bhtj->bhti", rotation[:seq], k)
+    kv_head = torch.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
+    k, v = k[:, kv_head], v[:, kv_head]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (batch, heads, seq, seq)
+    if causal:
+        future = torch.arange(seq)[None, :] > torch.arange(seq)[:, None]
+        scores = scores.masked_fill(future, float("-inf"))
+    weights = torch.exp(scores - scores.max(-1, keepdim=True).values)
+    return (weights / weights.sum(-1, keepdim=True)) @ v
+
+
+def _kernels_cross_entropy64(h, weight, targets, softcap):
+    """(mean cross-entropy, mean logsumexp^2) written out in float64 with max subtraction."""
+    logits = h.double() @ weight.double().t()
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    top = logits.max(-1, keepdim=True).values
+    lse = (top + torch.log(torch.exp(logits - top).sum(-1, keepdim=True))).squeeze(-1)
+    ce = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return ce.mean(), (lse * lse).mean()
+
+
+def _kernels_grads(fn, inputs, upstream):
+    """fn(*inputs) and the gradients of sum(fn * upstream) w.r.t. fresh leaf copies of inputs."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    (out.double() * upstream).sum().backward()
+    return out, [x.grad for x in leaves]
+
+
+def test_kernels_linear_cross_entropy_matches_float64():
+    torch.manual_seed(0)
+    h = torch.randn(2, 25, 12, dtype=torch.float64)
+    weight = torch.randn(37, 12, dtype=torch.float64)
+    targets = torch.randint(0, 37, (2, 25))
+    for softcap in (0.0, 5.0):
+        for z_weight in (0.0, 0.3):
+            h1, w1 = h.clone().requires_grad_(), weight.clone().requires_grad_()
+            ce, z = kernels.linear_cross_entropy(h1, w1, targets, softcap, chunk_rows=16)  # 50 rows: 4 chunks
+            (ce + z_weight * z if z_weight else ce).backward()
+            h2, w2 = h.clone().requires_grad_(), weight.clone().requires_grad_()
+            ce64, z64 = _kernels_cross_entropy64(h2, w2, targets, softcap)
+            (ce64 + z_weight * z64).backward()
+            name = f"linear_cross_entropy softcap={softcap} z_loss={z_weight}"
+            _kernels_check(f"{name} ce", ce, ce64, 1e-12)
+            _kernels_check(f"{name} z", z, z64, 1e-12)
+            _kernels_check(f"{name} dh", h1.grad, h2.grad, 1e-12)
+            _kernels_check(f"{name} dweight", w1.grad, w2.grad, 1e-12)
+    ce_ref, z_ref = kernels.linear_cross_entropy_reference(h, weight, targets, 5.0)
+    ce64, z64 = _kernels_cross_entropy64(h, weight, targets, 5.0)
+    _kernels_check("linear_cross_entropy_reference ce", ce_ref, ce64, 1e-12)
+    _kernels_check("linear_cross_entropy_reference z", z_ref, z64, 1e-12)
+
+
+def test_kernels_linear_cross_entropy_bf16_autocast():
+    torch.manual_seed(1)
+    h = torch.randn(40, 16)
+    weight = torch.randn(50, 16) * 0.3
+    targets = torch.randint(0, 50, (40,))
+    h1, w1 = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce, z = kernels.linear_cross_entropy(h1, w1, targets, chunk_rows=7)
+    (ce + 0.1 * z).backward()
+    assert ce.dtype == torch.float32 and h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
+    h2, w2 = h.double().requires_grad_(), weight.double().requires_grad_()
+    ce64, z64 = _kernels_cross_entropy64(h2, w2, targets, 0.0)
+    (ce64 + 0.1 * z64).backward()
+    _kernels_check("linear_cross_entropy bf16 ce", ce, ce64, 0.0, rtol=2e-2)
+    _kernels_check("linear_cross_entropy bf16 z", z, z64, 0.0, rtol=2e-2)
+    scale = h2.grad.abs().max().item()
+    _kernels_check("linear_cross_entropy bf16 dh", h1.grad, h2.grad, 2e-2 * scale, rtol=2e-2)
+    scale = w2.grad.abs().max().item()
+    _kernels_check("linear_cross_entropy bf16 dweight", w1.grad, w2.grad, 2e-2 * scale, rtol=2e-2)
+
+
+def test_kernels_reference_paths_match_float64():
+    """The torch fallbacks that run wherever Triton cannot: RMSNorm, SwiGLU, attention with RoPE and GQA."""
+    torch.manual_seed(2)
+    x, weight = torch.randn(3, 10), torch.rand(10) + 0.5
+    x64 = x.double()
+    want = x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    _kernels_check("rmsnorm_reference", kernels.rmsnorm_reference(x, weight, 1e-5), want, 1e-5)
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    a64 = a.double()
+    _kernels_check("swiglu_reference", kernels.swiglu_reference(a, b), a64 / (1 + torch.exp(-a64)) * b.double(), 1e-6)
+    rotation, cos, sin = _kernels_rope(9, 8)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    got = kernels.attention_reference(q, k, v, True, cos, sin)
+    _kernels_check("attention_reference", got, _kernels_attention64(q, k, v, True, rotation), 1e-5)
+    try:
+        kernels.attention(q, k[:, :1].expand(2, 3, 9, 8), v[:, :1].expand(2, 3, 9, 8))
+        raise AssertionError("4 query heads over 3 kv heads was accepted")
+    except ValueError as err:
+        assert "H % H_kv" in str(err)
+
+
+def test_kernels_adamw_step_matches_written_out():
+    torch.manual_seed(3)
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]  # leaves, as in a model
+    reference = [p.detach().double().clone() for p in params]
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    m, v = [torch.zeros_like(p) for p in reference], [torch.zeros_like(p) for p in reference]
+    step, lr = torch.tensor(0.0), torch.tensor(0.0)
+    beta1, beta2, eps, weight_decay = 0.9, 0.95, 1e-8, 0.1
+    for t, lr_t in enumerate([1e-2, 5e-3, 2e-3], start=1):
+        grads = [torch.randn_like(p) for p in params]
+        step.add_(1)
+        lr.fill_(lr_t)
+        kernels.adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
+        for p, g, m_i, v_i in zip(reference, grads, m, v):  # the algorithm, one line per equation
+            g = g.double()
+            m_i.copy_(beta1 * m_i + (1 - beta1) * g)
+            v_i.copy_(beta2 * v_i + (1 - beta2) * g * g)
+            alpha = lr_t * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            p.sub_(alpha * m_i / (torch.sqrt(v_i) + eps))
+            p.sub_(lr_t * weight_decay * p)
+    for i, (p, want) in enumerate(zip(params, reference)):
+        _kernels_check(f"adamw_step param {i} after 3 steps", p, want, 1e-6)
+
+
+def test_kernels_triton_rmsnorm():
+    if not _kernels_triton_ready():
+        return
+    torch.manual_seed(4)
+    for shape, dtype, tol in [((3, 5, 40), torch.float32, 1e-5), ((6, 24), torch.float16, 2e-2)]:
+        x, weight = torch.randn(shape).to(dtype), torch.rand(shape[-1]) + 0.5
+        upstream = torch.randn(shape, dtype=torch.float64)
+
+        def rms64(x, w):
+            x = x.double()
+            return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * w.double()
+
+        got, (dx, dw) = _kernels_grads(lambda x, w: kernels.rmsnorm(x, w, 1e-5), (x, weight), upstream)
+        want, (dx64, dw64) = _kernels_grads(rms64, (x, weight), upstream)
+        assert type(got.grad_fn).__name__ == "_RMSNormBackward" and got.dtype == dtype and dw.dtype == torch.float32
+        _kernels_check(f"rmsnorm {dtype} out", got, want, tol, tol)
+        _kernels_check(f"rmsnorm {dtype} dx", dx, dx64, tol, tol)
+        _kernels_check(f"rmsnorm {dtype} dweight", dw, dw64, tol * shape[0], tol)
+
+
+def test_kernels_triton_swiglu_and_silu():
+    if not _kernels_triton_ready():
+        return
+    torch.manual_seed(5)
+    a, b = torch.randn(3, 700) * 3, torch.randn(3, 700)  # 2100 elements: three programs, the last one masked
+    upstream = torch.randn(3, 700, dtype=torch.float64)
+
+    def swiglu64(a, b):
+        a = a.double()
+        return a / (1 + torch.exp(-a)) * b.double()
+
+    got, grads = _kernels_grads(kernels.swiglu, (a, b), upstream)
+    want, grads64 = _kernels_grads(swiglu64, (a, b), upstream)
+    assert type(got.grad_fn).__name__ == "_SwiGLUBackward"
+    _kernels_check("swiglu out", got, want, 1e-5, 1e-5)
+    for name, g, g64 in zip(("da", "db"), grads, grads64):
+        _kernels_check(f"swiglu {name}", g, g64, 1e-5, 1e-5)
+    got, (da,) = _kernels_grads(kernels.silu, (a,), upstream)
+    want, (da64,) = _kernels_grads(lambda a: swiglu64(a, torch.ones_like(a)), (a,), upstream)
+    _kernels_check("silu out", got, want, 1e-5, 1e-5)
+    _kernels_check("silu da", da, da64, 1e-5, 1e-5)
+
+
+def test_kernels_triton_attention():
+    """Causal and not, RoPE and not, GQA, MQA, seq and d_head not powers of two, q as a strided view, fp16."""
+    if not _kernels_triton_ready():
+        return
+    torch.manual_seed(6)
+    cases = [  # batch, heads, kv_heads, seq, d_head, causal, rope, dtype
+        (2, 4, 2, 37, 24, True, True, torch.float32),
+        (1, 3, 3, 20, 16, False, False, torch.float32),
+        (1, 4, 1, 33, 32, True, True, torch.float32),
+        (1, 2, 2, 21, 16, True, True, torch.float16),
+    ]
+    for batch, heads, kv_heads, seq, d, causal, rope, dtype in cases:
+        rotation, cos, sin = _kernels_rope(seq + 3, d) if rope else (None, None, None)
+        q = torch.randn(batch, seq, heads, d).to(dtype).transpose(1, 2)  # (B, H, T, d) view, as the model makes it
+        k, v = torch.randn(batch, kv_heads, seq, d).to(dtype), torch.randn(batch, kv_heads, seq, d).to(dtype)
+        upstream = torch.randn(batch, heads, seq, d, dtype=torch.float64)
+        got, grads = _kernels_grads(lambda q, k, v: kernels.attention(q, k, v, causal, cos, sin), (q, k, v), upstream)
+        want, grads64 = _kernels_grads(lambda q, k, v: _kernels_attention64(q, k, v, causal, rotation), (q, k, v),
+                                       upstream)
+        assert type(got.grad_fn).__name__ == "_AttentionBackward" and got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        name = f"attention B{batch} H{heads}/{kv_heads} T{seq} d{d} causal={causal} rope={rope} {dtype}"
+        _kernels_check(f"{name} out", got, want, tol, tol)
+        for grad_name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
+            _kernels_check(f"{name} {grad_name}", g, g64, tol * 4, tol)
+
+
+def test_kernels_bench_tiny_cpu():
+    """bench.py end to end on CPU: the bf16 path and the float32 reference start from the same loss, and KV-cache
+    decoding gives the tokens recomputation gives."""
+    result = bench.main(["--device=cpu", "--tiny", "--paths=compiled,reference", "--burn_in=1", "--steps=1",
+                         "--batch_size=2", "--generate_tokens=8", "--tokenizer=False"])
+    bf16, fp32 = result["training"]
+    assert bf16["path"] == "compiled" and fp32["path"] == "reference" and bf16["tokens_per_s"] > 0
+    assert abs(bf16["first_loss"] - fp32["first_loss"]) < 2e-2 * fp32["first_loss"], (bf16, fp32)
+    assert result["generation"]["tokens_per_s"]["identical"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runner
+# ----------------------------------------------------------------------------------------------------
+
+def main() -> int:
+    """Run every test_* function (or those whose name contains argv[1]); print failures with tracebacks."""
+    selected = sys.argv[1] if len(sys.argv) > 1 else ""
+    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn) and selected in name]
+    passed = failed = 0
+    t_start = time.perf_counter()
+    for name, fn in tests:
+        t0 = time.perf_counter()
+        try:
+            fn()
+            passed += 1
+            print(f"ok    {name} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        except Exception:
+            failed += 1
+            print(f"FAIL  {name} ({time.perf_counter() - t0:.1f}s)", flush=True)
+            traceback.print_exc()
+    print(f"total {time.perf_counter() - t_start:.1f}s")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
