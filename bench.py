@@ -21,6 +21,7 @@ import torch
 import kernels
 import sample
 import train
+from configurator import configure
 from model import MODEL_KEYS, TransformerLM
 from optim import AdamW, clip_grad_norm
 
@@ -284,7 +285,7 @@ def model_facts(cfg: dict, device: torch.device) -> dict:
 
 def main(argv: list[str]) -> dict:
     argv = ["--tiny=True" if arg == "--tiny" else arg for arg in argv]  # the one bare flag
-    cfg = train.configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv)
     if cfg["tiny"]:
         cfg.update({k: v for k, v in TINY.items() if f"--{k}=" not in " ".join(argv)})
     unknown = [p for p in cfg["paths"].split(",") if p not in PATHS]

@@ -13,6 +13,7 @@ from torch import Tensor
 
 import bpe
 import train
+from configurator import configure
 from model import TransformerLM, softmax
 
 DEFAULTS = {
@@ -115,7 +116,7 @@ def load_model(ckpt_path: str, device: torch.device) -> tuple[TransformerLM, str
 
 
 def main(argv: list[str]) -> None:
-    cfg = train.configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv)
     device = train.pick_device(cfg["device"], local_rank=0)
     model, tokenizer_dir = load_model(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
     tokenizer = bpe.load_tokenizer(tokenizer_dir)
