@@ -11,13 +11,17 @@ then `steps` timed steps bracketed by synchronize (nanoGPT bench.py). On CUDA it
 its reference at the model's shapes, since Triton's CPU interpreter cannot run bf16 matmuls. The last stdout line is
 one JSON object with every figure.
 """
+import collections
 import json
+import os
 import sys
+import tempfile
 import time
 import traceback
 
 import torch
 
+import bpe
 import kernels
 import sample
 import train
@@ -37,10 +41,12 @@ DEFAULTS = {
     "compile_mode": "default",  # torch.compile mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
     "check": True,  # on CUDA, check each kernel (and the model's fast loss) against the reference first
     "generate_tokens": 200,  # tokens per generation timing (0 = skip); greedy, from a 16-token prompt
-    "tokenizer": True,  # time the tokenizer
+    "tok_train": "data/shakespeare_train.txt.gz:10000",  # FILE:VOCAB[,...] to train tokenizers on ('' = skip)
+    "tok_encode_dir": "",  # tokenizer dir (vocab.json + merges.txt) to time encoding with; '' = the last one trained
+    "tok_encode_text": "data/shakespeare_val.txt.gz",  # text to encode ('' = skip)
 }
 TINY = dict(vocab_size=512, context_length=64, d_model=64, num_layers=2, num_heads=4, d_ff=None, batch_size=4,
-            burn_in=2, steps=3, generate_tokens=40)
+            burn_in=2, steps=3, generate_tokens=40, tok_train="data/shakespeare_val.txt.gz:600")
 
 # How each training path runs: `compile` wraps model.loss (and, with the 'compiled' optimizer, clipping and AdamW);
 # `kernels` names the ops model.use_kernels routes through kernels.py; `optimizer` is 'compiled'
@@ -267,12 +273,97 @@ def bench_generation(cfg: dict, device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenizer: the hook where the lead merges the tokenizer engineer's timings (parts/bench_tokenizer.py)
+# Tokenizer: pre-tokenizer and encoder against a bare regex pass, training phases, parallel encode_file
+# Single-process figures are CPU seconds (time.process_time), best of interleaved rounds, so other jobs on a shared
+# machine move the ratios little; pool figures (training, encode_file) are wall-clock.
 # ----------------------------------------------------------------------------------------------------------------
 
+def _best_cpu_seconds(fns: dict, repeat: int = 3) -> dict:
+    """Best CPU time of each function over `repeat` interleaved rounds."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            best[name] = min(best[name], time.process_time() - t0)
+    return best
+
+
+def _text_chunks(path: str, max_mb: float = 2.0) -> tuple[list[str], int]:
+    """The first ~max_mb of a file as the document-aligned chunks a pool worker receives, and their bytes."""
+    chunks, size = [], 0
+    for chunk in bpe._read_chunks(path, bpe._Specials((bpe.EOT,))):  # bpe's own reader, so both sides see the same
+        chunks.append(chunk)
+        size += len(chunk.encode("utf-8"))
+        if size >= max_mb * 1e6:
+            break
+    return chunks, size
+
+
+def _bare_regex_pass(chunks: list[str]) -> None:
+    for chunk in chunks:
+        collections.deque(bpe.PAT.finditer(chunk), maxlen=0)  # iterate the matches, keep none
+
+
+def bench_tokenizer_training(path: str, vocab_size: int) -> dict:
+    """Pre-tokenize + count in one process against the bare regex pass (target >= 0.7x), then train_bpe's two
+    phases on the whole file: counting on a pool over all cores, and the merges."""
+    chunks, size = _text_chunks(path)
+    t = _best_cpu_seconds({"bare": lambda: _bare_regex_pass(chunks),
+                           "count": lambda: [bpe._count_chunk(c, (bpe.EOT,)) for c in chunks]})
+    t0 = time.perf_counter()
+    counts = bpe.count_pretokens(path, (bpe.EOT,))
+    t1 = time.perf_counter()
+    merges = bpe.learn_merges(counts, vocab_size - 257)
+    t2 = time.perf_counter()
+    mb = sum(len(w.encode("utf-8")) * c for w, c in counts.items()) / 1e6  # the text, without special tokens
+    return {"file": path, "mb": round(mb, 2), "vocab_size": 257 + len(merges), "unique_pretokens": len(counts),
+            "bare_regex_mb_s": round(size / 1e6 / t["bare"], 2), "count_mb_s": round(size / 1e6 / t["count"], 2),
+            "count_vs_regex": round(t["bare"] / t["count"], 2), "count_s": round(t1 - t0, 2),
+            "merge_s": round(t2 - t1, 2), "train_mb_s": round(mb / (t2 - t0), 2), "workers": os.cpu_count()}
+
+
+def bench_tokenizer_encoding(tok: bpe.Tokenizer, tokenizer_dir: str, path: str) -> dict:
+    """encode in one process with a warm cache against the bare regex pass (target >= 0.8x), and encode_file on
+    all cores over four copies of the file (each worker starts with an empty cache, which would dominate a small
+    file)."""
+    chunks, size = _text_chunks(path)
+    num_tokens = sum(len(tok.encode(c)) for c in chunks)  # also warms the cache
+    t = _best_cpu_seconds({"bare": lambda: _bare_regex_pass(chunks), "encode": lambda: [tok.encode(c) for c in chunks]})
+    with tempfile.TemporaryDirectory() as tmp:
+        copies = os.path.join(tmp, "input.txt")
+        with open(copies, "w", encoding="utf-8") as out:
+            out.write("".join(chunks) * 4)
+        t0 = time.perf_counter()
+        bpe.encode_file(copies, os.path.join(tmp, "out.bin"), tokenizer_dir)
+        wall = time.perf_counter() - t0
+    return {"file": path, "bytes_per_token": round(size / num_tokens, 3),
+            "encode_mb_s": round(size / 1e6 / t["encode"], 2), "bare_regex_mb_s": round(size / 1e6 / t["bare"], 2),
+            "encode_vs_regex": round(t["bare"] / t["encode"], 2),
+            "encode_file_mb_s": round(4 * size / 1e6 / wall, 2), "workers": os.cpu_count()}
+
+
 def bench_tokenizer(cfg: dict) -> dict:
-    """Tokenizer training and encoding throughput; {} until parts/bench_tokenizer.py is merged here."""
-    return {}
+    """Train a tokenizer on each tok_train file (FILE:VOCAB), then time encoding of tok_encode_text with the
+    tokenizer in tok_encode_dir (default: the last one trained here)."""
+    results = {"training": [], "encoding": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = cfg["tok_encode_dir"]
+        for spec in filter(None, cfg["tok_train"].split(",")):
+            path, _, vocab = spec.rpartition(":")
+            if not path or not vocab.isdigit():
+                raise ValueError(f"tok_train: {spec!r} should be FILE:VOCAB_SIZE, e.g. data/shakespeare_train.txt.gz:10000")
+            run = bench_tokenizer_training(path, int(vocab))
+            print("tokenizer training: " + " | ".join(f"{k} {v}" for k, v in run.items()))
+            results["training"].append(run)
+            if not cfg["tok_encode_dir"]:
+                tokenizer_dir = os.path.join(tmp, "tok")
+                bpe.train_tokenizer(path, int(vocab), tokenizer_dir)
+        if tokenizer_dir and cfg["tok_encode_text"]:
+            tok = bpe.load_tokenizer(tokenizer_dir)
+            results["encoding"] = bench_tokenizer_encoding(tok, tokenizer_dir, cfg["tok_encode_text"])
+            print("tokenizer encoding: " + " | ".join(f"{k} {v}" for k, v in results["encoding"].items()))
+    return results
 
 
 def model_facts(cfg: dict, device: torch.device) -> dict:
@@ -288,7 +379,8 @@ def main(argv: list[str]) -> dict:
     cfg = configure(DEFAULTS, argv)
     if cfg["tiny"]:
         cfg.update({k: v for k, v in TINY.items() if f"--{k}=" not in " ".join(argv)})
-    unknown = [p for p in cfg["paths"].split(",") if p not in PATHS]
+    paths = [p for p in cfg["paths"].split(",") if p]
+    unknown = [p for p in paths if p not in PATHS]
     if unknown:
         raise ValueError(f"paths: unknown {', '.join(unknown)}; use a comma-separated list of {', '.join(PATHS)}")
     device = train.pick_device(cfg["device"], 0)
@@ -306,7 +398,7 @@ def main(argv: list[str]) -> dict:
     if cfg["check"] and device.type == "cuda":
         result["checks_ok"] = check_kernels(cfg, device)
     result["training"] = []
-    for path in cfg["paths"].split(","):
+    for path in paths:
         try:
             run = bench_training(cfg, path, device)
         except Exception as e:  # report a broken path and keep timing the others
@@ -325,7 +417,7 @@ def main(argv: list[str]) -> dict:
         gen = result["generation"]["tokens_per_s"]
         print(f"generation: KV cache {gen['kv_cache']} tok/s | recompute {gen['recompute']} tok/s | "
               f"identical {gen['identical']}")
-    if cfg["tokenizer"]:
+    if cfg["tok_train"] or cfg["tok_encode_dir"]:
         result["tokenizer"] = bench_tokenizer(cfg)
     return result
 

@@ -37,8 +37,8 @@ import data
 import kernels
 import plot
 import train
-from model import (Embedding, Linear, MultiHeadSelfAttention, RMSNorm, RotaryPositionalEmbedding, TransformerLM,
-                   accounting, cross_entropy, scaled_dot_product_attention, silu, softmax)
+from model import (Embedding, KERNEL_OPS, Linear, MultiHeadSelfAttention, RMSNorm, RotaryPositionalEmbedding,
+                   TransformerLM, accounting, cross_entropy, scaled_dot_product_attention, silu, softmax)
 from optim import AdamW, clip_grad_norm, cosine_lr
 from sample import generate, top_p_filter
 
@@ -1659,15 +1659,48 @@ def test_kernels_triton_attention():
             _kernels_check(f"{name} {grad_name}", g, g64, tol * 4, tol)
 
 
+def test_kernels_model_use_kernels_matches_reference_ops():
+    """model.use_kernels(): loss, z and every parameter gradient equal the reference ops' for each flag family, with
+    Triton's interpreter where it is installed (else the kernels' torch paths, so the wiring is still checked);
+    logits and KV-cache decoding are untouched."""
+    idx, targets = torch.randint(0, 50, (2, 13)), torch.randint(0, 50, (2, 13))
+    every_other_flag = {"qk_norm": True, "n_kv_heads": 2, "logit_softcap": 5.0, "tie_embeddings": True, "ffn": "silu",
+                        "block": "parallel", "pos": "none"}
+    for flags in ({}, every_other_flag, {"norm": "post"}):
+        results = []
+        for ops in (KERNEL_OPS, ()):
+            torch.manual_seed(1)
+            model = TransformerLM(50, 24, 48, 2, 4, **flags).use_kernels(ops)
+            assert any(getattr(m, "fast", False) for m in model.modules()) == bool(ops)
+            ce, z = model.loss(idx, targets)
+            (ce + 0.1 * z).backward()
+            results.append((ce, z, {n: p.grad for n, p in model.named_parameters()}))
+        (ce, z, grads), (ce_ref, z_ref, grads_ref) = results
+        _kernels_check(f"{flags} ce", ce, ce_ref, 1e-5)
+        _kernels_check(f"{flags} z", z, z_ref, 1e-4, 1e-5)
+        for name, g in grads.items():
+            _kernels_check(f"{flags} grad {name}", g, grads_ref[name], 1e-5, 1e-4)
+    fast = TransformerLM(50, 24, 48, 2, 4)
+    plain = TransformerLM(50, 24, 48, 2, 4)
+    plain.load_state_dict(fast.state_dict())
+    fast.use_kernels()
+    _kernels_check("logits", fast(idx), plain(idx), 1e-5)
+
+
 def test_kernels_bench_tiny_cpu():
     """bench.py end to end on CPU: the bf16 path and the float32 reference start from the same loss, and KV-cache
-    decoding gives the tokens recomputation gives."""
+    decoding gives the tokens recomputation gives; the tokenizer section trains to the asked vocab size."""
+    val_text = os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "data", "shakespeare_val.txt.gz")
     result = bench.main(["--device=cpu", "--tiny", "--paths=compiled,reference", "--burn_in=1", "--steps=1",
-                         "--batch_size=2", "--generate_tokens=8", "--tokenizer=False"])
+                         "--batch_size=2", "--generate_tokens=8", f"--tok_train={val_text}:300",
+                         f"--tok_encode_text={val_text}"])
     bf16, fp32 = result["training"]
     assert bf16["path"] == "compiled" and fp32["path"] == "reference" and bf16["tokens_per_s"] > 0
     assert abs(bf16["first_loss"] - fp32["first_loss"]) < 2e-2 * fp32["first_loss"], (bf16, fp32)
     assert result["generation"]["tokens_per_s"]["identical"]
+    (trained,), encoded = result["tokenizer"]["training"], result["tokenizer"]["encoding"]
+    assert trained["vocab_size"] == 300 and trained["count_mb_s"] > 0 and trained["merge_s"] >= 0
+    assert 1.0 < encoded["bytes_per_token"] < 4.0 and encoded["encode_file_mb_s"] > 0  # 44 merges: short tokens
 
 
 # ----------------------------------------------------------------------------------------------------

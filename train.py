@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import kernels
 from configurator import check_known, configure, typed
 from model import MODEL_KEYS, TransformerLM
 from optim import AdamW, clip_grad_norm, cosine_lr
@@ -76,6 +77,7 @@ diverge_factor = 3.0  # stop when, after warm-up, loss > this x min(first loss, 
 device = "auto"  # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on a CUDA GPU that supports it, else float32) | 'float32' | 'bfloat16' (autocast)
 compile = False  # torch.compile the training forward/backward (slow first steps, faster after on CUDA)
+kernels = False  # fused Triton kernels of kernels.py for norms, FFN, attention and loss (CUDA; bench.py checks them)
 seed = 1337  # model initialisation and training data stream
 resume = False  # continue from out_dir/ckpt.pt (same out_dir, same model flags)
 DEFAULTS = {k: v for k, v in globals().items() if k not in _names_before_config and not k.startswith("_")}
@@ -367,11 +369,13 @@ def main(cfg: dict) -> dict:
     run = {"git": git_commit(), "torch": torch.__version__, "world_size": world, "dtype": str(dtype)[6:],
            "dtype_why": dtype_why, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
            else f"{dev.type} ({torch.get_num_threads()} threads)", "params": model.num_params(),
-           "flops_per_token": model.flops_per_token(), "tokens_per_step": tokens_per_step}
+           "flops_per_token": model.flops_per_token(), "tokens_per_step": tokens_per_step,
+           "ops": "kernels.py " + ("Triton" if kernels.available() else "torch references") if cfg["kernels"]
+           else "model.py reference ops"}
     say(textwrap.fill("config: " + " ".join(f"{k}={v!r}" for k, v in cfg.items()), 120, subsequent_indent="  "))
     say(f"git {run['git']} | torch {run['torch']} | {run['device']} x {world} | {run['dtype']} ({dtype_why}) | "
         f"{run['params']:,} parameters | {run['flops_per_token'] / 1e6:.2f} MFLOPs/token forward | "
-        f"{tokens_per_step:,} tokens/step")
+        f"{tokens_per_step:,} tokens/step | {run['ops']}")
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         for name, obj in (("config.json", cfg), ("run.json", run)):
@@ -386,6 +390,8 @@ def main(cfg: dict) -> dict:
         save_checkpoint(model, optimizer, step, ckpt_path, config=cfg, tokenizer_dir=cfg["tokenizer_dir"], rng=rng,
                         loop=dict(loop))
 
+    if cfg["kernels"]:
+        model.use_kernels()  # on CPU without Triton each op runs its torch reference
     loss_fn = torch.compile(model.loss, dynamic=False) if cfg["compile"] else model.loss  # `model` stays raw
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     generator = torch.Generator()
