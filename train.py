@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 import data
-import kernels
 from configurator import check_known, configure, typed
+from kernels import available as triton_available
 from model import MODEL_KEYS, TransformerLM
 from optim import AdamW, clip_grad_norm, cosine_lr
 
@@ -370,7 +370,7 @@ def main(cfg: dict) -> dict:
            "dtype_why": dtype_why, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
            else f"{dev.type} ({torch.get_num_threads()} threads)", "params": model.num_params(),
            "flops_per_token": model.flops_per_token(), "tokens_per_step": tokens_per_step,
-           "ops": "kernels.py " + ("Triton" if kernels.available() else "torch references") if cfg["kernels"]
+           "ops": "kernels.py " + ("Triton" if triton_available() else "torch references") if cfg["kernels"]
            else "model.py reference ops"}
     say(textwrap.fill("config: " + " ".join(f"{k}={v!r}" for k, v in cfg.items()), 120, subsequent_indent="  "))
     say(f"git {run['git']} | torch {run['torch']} | {run['device']} x {world} | {run['dtype']} ({dtype_why}) | "
