@@ -18,11 +18,13 @@ import contextlib
 import functools
 import gzip
 import heapq
+import io
 import json
 import math
 import multiprocessing
 import os
 import resource
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -125,15 +127,58 @@ class _Specials:
         return m.end() if m else end
 
 
-def _read_chunks(path: str, specials: _Specials, chunk_chars: int = 1 << 20) -> Iterator[str]:
+class _Progress(contextlib.AbstractContextManager):  # `with` returns the object itself
+    """One status line for a long pass, on stdout: rewritten in place on a terminal (4 times a second), a line
+    per 10% in a log, nothing for passes under quiet_s; leaving the `with` block prints the total. For example
+    `encoding data/owt_train.txt: 4,125/11,100 MB (37%) | 35.2 MB/s | eta 3m18s`."""
+
+    def __init__(self, label: str, total: int, unit: str = "MB", scale: float = 1e6, quiet_s: float = 2.0):
+        self.label, self.total, self.unit, self.scale, self.quiet_s = label, max(total, 1), unit, scale, quiet_s
+        self.tty, self.t0, self.shown, self.done = sys.stdout.isatty(), time.perf_counter(), 0.0, 0
+
+    def update(self, done: int) -> None:
+        """done of total units are finished: print a line if one is due."""
+        elapsed, tenth = time.perf_counter() - self.t0, 10 * done // self.total > 10 * self.done // self.total
+        self.done = done
+        if elapsed >= self.quiet_s and (elapsed - self.shown >= 0.25 if self.tty else tenth):
+            rate, left = done / self.scale / elapsed, (self.total - done) / self.scale
+            self._show(f"{done / self.scale:,.0f}/{self.total / self.scale:,.0f} {self.unit} ({done / self.total:.0%}) "
+                       f"| {rate:,.1f} {self.unit}/s | eta {_hms(left / rate if rate else 0)}")
+            self.shown = elapsed
+
+    def __exit__(self, *exc) -> None:
+        elapsed = time.perf_counter() - self.t0
+        if self.shown:
+            self._show(f"{self.done / self.scale:,.0f} {self.unit} in {_hms(elapsed)} "
+                       f"({self.done / self.scale / elapsed:,.1f} {self.unit}/s)", end="\n")
+
+    def _show(self, text: str, end: str = "") -> None:
+        line = f"{self.label}: {text}"  # on a terminal: back to the line start, print, clear what is left (ANSI)
+        print(f"\r{line}\x1b[K" if self.tty else line, end=end if self.tty else "\n", flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _read_chunks(path: str, specials: _Specials, chunk_chars: int = 1 << 20,
+                 progress: _Progress | None = None) -> Iterator[str]:
     """Stream a .txt or .txt.gz file as pieces of about chunk_chars characters that end after a special
-    token (a document boundary), or at whitespace inside a document longer than a chunk."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as in the file
-        try:
-            yield from specials.recut(iter(lambda: f.read(chunk_chars), ""), prefer_documents=True)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
+    token (a document boundary), or at whitespace inside a document longer than a chunk. progress, if
+    given, is told how many bytes of the file (compressed bytes for .gz) have been read."""
+    with open(path, "rb") as raw:  # raw.tell(): how far into the file the reading is
+        binary = gzip.GzipFile(fileobj=raw) if str(path).endswith(".gz") else raw
+        with io.TextIOWrapper(binary, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as in the file
+            def read() -> str:
+                text = f.read(chunk_chars)
+                if progress:
+                    progress.update(raw.tell())
+                return text
+            try:
+                yield from specials.recut(iter(read, ""), prefer_documents=True)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
 
 
 def _parallel_map(fn: Callable, items: Iterable, num_workers: int | None, init=None, init_args=()) -> Iterator:
@@ -145,7 +190,7 @@ def _parallel_map(fn: Callable, items: Iterable, num_workers: int | None, init=N
             init(*init_args)
         yield from map(fn, items)
         return
-    with multiprocessing.Pool(num_workers, init, init_args) as pool:
+    with multiprocessing.Pool(num_workers, _init_worker, (init, init_args)) as pool:
         pending = collections.deque()
         for item in items:
             pending.append(pool.apply_async(fn, (item,)))
@@ -155,6 +200,13 @@ def _parallel_map(fn: Callable, items: Iterable, num_workers: int | None, init=N
             yield pending.popleft().get()
         pool.close()
         pool.join()
+
+
+def _init_worker(init: Callable | None, init_args: tuple) -> None:
+    """Pool workers ignore Ctrl-C: the main process gets it and, leaving the pool, stops them (no traceback each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if init:
+        init(*init_args)
 
 
 @contextlib.contextmanager
@@ -192,10 +244,11 @@ def count_pretokens(input_path: str, special_tokens: Iterable[str], num_workers:
     Memory holds a few chunks and the table of unique pre-tokens, never the file."""
     special_tokens = tuple(special_tokens)
     count = functools.partial(_count_chunk, special_tokens=special_tokens)
-    chunks = _read_chunks(input_path, _Specials(special_tokens), chunk_chars)
     total = collections.Counter()
-    for counts in _parallel_map(count, chunks, num_workers):
-        total.update(counts)
+    with _Progress(f"counting pre-tokens in {input_path}", os.path.getsize(input_path)) as progress:
+        for counts in _parallel_map(count, _read_chunks(input_path, _Specials(special_tokens), chunk_chars, progress),
+                                    num_workers):
+            total.update(counts)
     return total
 
 
@@ -277,10 +330,12 @@ def learn_merges(pretoken_counts: dict[str, int], num_new_tokens: int) -> list[P
     heap = [(-count, _Greatest(pair)) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
     tokens, merges = set(_BYTES), []
-    while len(tokens) < 256 + num_new_tokens and (pair := _pop_most_frequent(heap, pair_counts)):
-        merges.append(pair)
-        tokens.add(pair[0] + pair[1])
-        _apply_merge(pair, words, counts, pair_counts, where, heap)
+    with _Progress("merging", num_new_tokens, unit="tokens", scale=1) as progress:
+        while len(tokens) < 256 + num_new_tokens and (pair := _pop_most_frequent(heap, pair_counts)):
+            merges.append(pair)
+            tokens.add(pair[0] + pair[1])
+            _apply_merge(pair, words, counts, pair_counts, where, heap)
+            progress.update(len(tokens) - 256)
     return merges
 
 
@@ -469,10 +524,10 @@ def encode_file(input_path: str, out_path: str, tokenizer_dir: str, special_toke
     if tok.vocab_size > 65536:
         raise ValueError(f"{tokenizer_dir}: {tok.vocab_size} tokens do not fit in uint16 ids (at most 65536)")
     init_args = (tok.vocab, tok.merges, list(tok.special_ids))
-    chunks = _read_chunks(input_path, tok._specials)
     num_tokens = 0
-    with _atomic_write(out_path, "wb") as f:
-        for data in _parallel_map(_encode_chunk, chunks, num_workers, _init_encoder, init_args):
+    with _atomic_write(out_path, "wb") as f, _Progress(f"encoding {input_path}", os.path.getsize(input_path)) as p:
+        for data in _parallel_map(_encode_chunk, _read_chunks(input_path, tok._specials, progress=p), num_workers,
+                                  _init_encoder, init_args):
             f.write(data)
             num_tokens += len(data) // 2
     return num_tokens

@@ -4,6 +4,9 @@
 
 A .bin file is a flat array of little-endian uint16 token ids (vocab <= 65,536). Beside it, `<file>.bin.json`
 caches the largest id so the vocab check reads the file only once (keyed by file size and mtime).
+Preparation can be stopped at any point and run again: every file is written as `<name>.tmp` and renamed when
+complete, so a finished file is never partial; a tokenizer directory lacking vocab.json or merges.txt is
+trained again, and a .bin older than its text or tokenizer is tokenized again (over any stale .tmp).
 """
 import json
 import os
@@ -14,23 +17,36 @@ import torch
 import bpe
 
 
-def get_batch(x: np.ndarray, batch_size: int, context_length: int, device: str | torch.device,
+def get_batch(x: np.ndarray | torch.Tensor, batch_size: int, context_length: int, device: str | torch.device,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample batch_size windows at uniformly random starts; targets are the inputs shifted by one token.
 
-    x: 1-D integer array or np.memmap. Returns int64 (inputs, targets), each (batch_size, context_length), on device.
+    x: 1-D integer array or np.memmap, or a tensor already on device (see tokens_to_device): the same starts give
+    the same windows either way. Returns int64 (inputs, targets), each (batch_size, context_length), on device.
     Pass a CPU torch.Generator to make the stream reproducible (its state can be saved and restored).
     Example: x = [0..9], context 3, start 4 -> inputs [4, 5, 6], targets [5, 6, 7].
     """
     if len(x) <= context_length:
         raise ValueError(f"data has {len(x)} tokens, fewer than context_length + 1 = {context_length + 1}; "
                          "use more text or a smaller context_length")
-    starts = torch.randint(len(x) - context_length, (batch_size,), generator=generator).numpy()
+    starts = torch.randint(len(x) - context_length, (batch_size,), generator=generator)  # on the CPU: one stream
+    if isinstance(x, torch.Tensor):  # gather on the device itself: no host work, no copy per step
+        windows = x[starts.to(x.device)[:, None] + torch.arange(context_length + 1, device=x.device)].long()
+        return windows[:, :-1], windows[:, 1:]
+    starts = starts.numpy()
     windows = x[starts[:, None] + np.arange(context_length + 1)].astype(np.int64)  # (batch, context + 1)
     inputs, targets = torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
     if torch.device(device).type == "cuda":  # pinned host memory lets the copy overlap with compute
         return inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True)
     return inputs.to(device), targets.to(device)
+
+
+def tokens_to_device(tokens: np.ndarray, device: torch.device, max_fraction: float = 0.25) -> np.ndarray | torch.Tensor:
+    """The whole token array as int32 on a CUDA device when it takes at most max_fraction of the free memory (batches
+    are then gathered there, see get_batch); otherwise, or off CUDA, the array itself (read through the memmap)."""
+    if device.type != "cuda" or 4 * len(tokens) > max_fraction * torch.cuda.mem_get_info(device)[0]:
+        return tokens
+    return torch.from_numpy(np.asarray(tokens, dtype=np.int32)).to(device)
 
 
 def load_tokens(path: str, vocab_size: int) -> np.memmap:
@@ -87,7 +103,8 @@ def prepare(text_path: str, tokenizer_dir: str, special_tokens: tuple[str, ...] 
     sources = [text_path, os.path.join(tokenizer_dir, "vocab.json"), os.path.join(tokenizer_dir, "merges.txt")]
     if os.path.isfile(bin_path) and all(os.path.getmtime(bin_path) >= os.path.getmtime(s) for s in sources):
         return bin_path
-    print(f"tokenizing {text_path} -> {bin_path}")
+    stale = " (replacing the partial .tmp of an interrupted run)" if os.path.exists(bin_path + ".tmp") else ""
+    print(f"tokenizing {text_path} -> {bin_path}{stale}")
     n = bpe.encode_file(text_path, bin_path, tokenizer_dir, special_tokens=tuple(special_tokens),
                         num_workers=num_workers)
     print(f"wrote {n:,} tokens to {bin_path}")
@@ -104,11 +121,13 @@ def prepare_splits(paths: list[str], tokenizer_dir: str, vocab_size: int,
                                     "train_data/val_data to existing .txt, .txt.gz or .bin files")
     if all(p.endswith(".bin") for p in paths):
         return list(paths)
-    if not all(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in ("vocab.json", "merges.txt")):
+    missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(tokenizer_dir, f))]
+    if missing:
         if paths[0].endswith(".bin"):
             raise FileNotFoundError(f"no tokenizer in {tokenizer_dir} to tokenize {paths[1]}; point tokenizer_dir "
                                     f"at the tokenizer that made {paths[0]}, or pass raw text for both")
-        print(f"training a {vocab_size:,}-token BPE tokenizer on {paths[0]} -> {tokenizer_dir}")
+        half = f" ({missing[0]} is missing: an interrupted run?)" if len(missing) == 1 else ""
+        print(f"training a {vocab_size:,}-token BPE tokenizer on {paths[0]} -> {tokenizer_dir}{half}")
         bpe.train_tokenizer(paths[0], vocab_size, tokenizer_dir, tuple(special_tokens))
     tokenizer_vocab = bpe.load_tokenizer(tokenizer_dir, tuple(special_tokens)).vocab_size
     if tokenizer_vocab != vocab_size:
@@ -130,3 +149,7 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again: finished files are kept, the rest starts over",
+              file=sys.stderr)
+        sys.exit(130)

@@ -4,6 +4,7 @@
     python plot.py 'out/lr_*' --out=assets/lr_sweep.png  # glob patterns are expanded here, quoted or not
     python plot.py 'out/lr_*' --table=md                 # the table as Markdown, for the README
     python plot.py 'out/lr_*' --ylim 1.4 3.0             # fix the loss axis (default: auto, see auto_ylim)
+    python plot.py 'out/bs_*' --label=batch_size,lr       # label by these keys only (default: every key that differs)
 
 Each run directory holds train.py's log.csv and config.json. A run is labelled by the config values that
 differ between the runs (e.g. `lr=0.003 norm=none`), or by its directory name. The table goes to stdout,
@@ -113,10 +114,11 @@ def _value(v: object) -> str:
     return v if isinstance(v, str) else str(v).replace(" ", "")  # (0.9, 0.95) -> '(0.9,0.95)'
 
 
-def label_runs(runs: list[Run]) -> None:
-    """Label runs by the config values that differ between them, e.g. 'lr=0.003 norm=none'."""
+def label_runs(runs: list[Run], only: list[str] | None = None) -> None:
+    """Label runs by the config values that differ between them, e.g. 'lr=0.003 norm=none' (or by the keys in
+    `only`, when a sweep changes several keys together and one or two of them tell the story)."""
     configured = [r.config for r in runs if r.config]
-    keys = [k for k in dict.fromkeys(k for c in configured for k in c) if k not in UNLABELLED]
+    keys = only or [k for k in dict.fromkeys(k for c in configured for k in c) if k not in UNLABELLED]
     differing = [k for k in keys if len({_value(c.get(k)) for c in configured}) > 1]
     for run in runs:
         name = os.path.basename(os.path.normpath(run.path))
@@ -236,6 +238,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", help="image file (default: plot.png in the directory holding the first run)")
     parser.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"), help="loss axis range (default: auto)")
     parser.add_argument("--table", choices=("text", "md"), default="text", help="table format (md: Markdown)")
+    parser.add_argument("--label", help="comma-separated config keys to label runs by (default: all that differ)")
     args = parser.parse_args(argv)
     runs = []
     for path in expand(args.runs):
@@ -246,7 +249,7 @@ def main(argv: list[str]) -> int:
     if not runs:
         note("no run could be read")
         return 2
-    label_runs(runs)
+    label_runs(runs, args.label.split(",") if args.label else None)
     print(format_table([table_row(r) for r in runs], markdown=args.table == "md"))
     out = args.out or os.path.join(os.path.dirname(os.path.normpath(runs[0].path)), "plot.png")
     if write_plot(runs, out, args.ylim or auto_ylim(runs)):

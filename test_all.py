@@ -5,9 +5,12 @@ files outside the repository: each test makes its own small data. Every check co
 against an independent reference (float64 loops, the algorithm written out, hand-computed
 numbers), never against the code under test itself.
 """
+import ast
+import builtins
 import collections
 import contextlib
 import csv
+import errno
 import gzip
 import importlib
 import io
@@ -17,6 +20,9 @@ import math
 import os
 import random
 import re
+import resource
+import runpy
+import select
 import signal
 import socket
 import subprocess
@@ -35,6 +41,7 @@ import bench
 import bpe
 import data
 import kernels
+import model
 import plot
 import train
 from model import (Embedding, KERNEL_OPS, Linear, MultiHeadSelfAttention, RMSNorm, RotaryPositionalEmbedding,
@@ -982,6 +989,10 @@ def test_get_batch_shapes_shift_range_and_reproducibility():
         x.astype("<u2").tofile(path)
         c = data.get_batch(data.load_tokens(path, 64), 4, 8, "cpu", torch.Generator().manual_seed(5))
         assert torch.equal(a[0], c[0])
+    on_device = torch.from_numpy(x.astype(np.int32))  # what data.tokens_to_device keeps on a GPU
+    d = data.get_batch(on_device, 4, 8, "cpu", torch.Generator().manual_seed(5))  # gathered from the tensor
+    assert torch.equal(a[0], d[0]) and torch.equal(a[1], d[1]) and d[0].dtype == torch.int64
+    assert data.tokens_to_device(x, torch.device("cpu")) is x  # off CUDA the array stays where it is
 
 
 def test_load_tokens_refuses_odd_bytes_and_out_of_range_ids():
@@ -1273,6 +1284,535 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_concatenated_batch():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Faults, corrupt inputs and distributed training
+# ----------------------------------------------------------------------------------------------------
+
+_FAULTS_TINY = dict(vocab_size=64, context_length=16, d_model=16, num_layers=1, num_heads=2, d_ff=32, batch_size=4,
+                    lr=3e-3, min_lr=3e-4, warmup_iters=2, cosine_iters=40, eval_iters=2, eval_interval=4,
+                    log_interval=1, device="cpu", dtype="float32", seed=7)
+_FAULTS_TIMED = ("elapsed_s", "tokens_per_s", "mfu")  # log.csv columns that measure time, so differ between runs
+
+
+def _faults_cfg(root, **overrides):
+    """A full config for a tiny run in root/out on two generated .bin files (ids mostly count up: learnable)."""
+    paths = {}
+    for seed, split in enumerate(("train", "val")):
+        paths[f"{split}_data"] = path = os.path.join(root, f"{split}.bin")
+        if not os.path.exists(path):
+            rng = np.random.default_rng(seed)
+            ids = np.cumsum(rng.integers(0, 4, 4000) == 0) + rng.integers(0, 2, 4000)
+            np.asarray(ids % 64, dtype="<u2").tofile(path)
+    return {**train.DEFAULTS, **_FAULTS_TINY, **paths, "tokenizer_dir": os.path.join(root, "tok"),
+            "out_dir": os.path.join(root, "out"), **overrides}
+
+
+def _faults_argv(cfg, **overrides):
+    """cfg as train.py command-line overrides (keys that differ from the defaults)."""
+    cfg = {**cfg, **overrides}
+    return [f"--{k}={v!r}" for k, v in cfg.items() if v != train.DEFAULTS[k]]
+
+
+def _faults_fork(fn, log_path):
+    """Run fn() in a forked child with stdout and stderr appended to log_path; return its pid. Exit code 0 when fn
+    returns, a SystemExit's code, 1 after any other exception (traceback in the log). A fork skips the 2-4 s torch
+    import of a fresh interpreter. OpenMP's thread pool does not survive a fork (a child that used it would hang),
+    so the child computes on one thread."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        torch.set_num_threads(1)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        fn()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _faults_wait(pid, timeout=60.0):
+    """The child's exit code (-9 when SIGKILLed); kill it and fail if it runs past timeout."""
+    deadline = time.monotonic() + timeout
+    while not (ended := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child {pid} still running after {timeout:.0f} s")
+        time.sleep(0.002)
+    return os.waitstatus_to_exitcode(ended[1])
+
+
+def _faults_tail(path, n=2000):
+    with open(path, errors="replace") as f:
+        return f.read()[-n:]
+
+
+def _faults_cli(argv, root, prepare=None):
+    """`python train.py *argv` in a forked child (prepare() runs first, in the child): (exit code, stderr text).
+    runpy executes train.py as __main__, so its own CLI code parses the arguments and reports the errors."""
+    err_path = os.path.join(root, "cli.stderr")
+    with open(err_path, "w"):
+        pass
+
+    def cli():
+        os.dup2(os.open(err_path, os.O_WRONLY), 2)
+        if prepare:
+            prepare()
+        sys.argv = ["train.py", *argv]
+        runpy.run_path(train.__file__, run_name="__main__")
+
+    code = _faults_wait(_faults_fork(cli, os.path.join(root, "cli.stdout")))
+    return code, _faults_tail(err_path)
+
+
+def _faults_assert_equal(a, b, where="checkpoint"):
+    """Nested dicts/lists of tensors and numbers, equal bit for bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (where, a.keys(), b.keys())
+        for k in a:
+            _faults_assert_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _faults_assert_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, (where, a, b)
+
+
+def _faults_rows(out_dir):
+    """log.csv as a list of rows, without the columns that measure time."""
+    with open(os.path.join(out_dir, "log.csv")) as f:
+        header, *rows = [line.split(",") for line in f.read().splitlines()]
+    assert header == list(train.CSV_COLUMNS), header
+    keep = [i for i, c in enumerate(header) if c not in _FAULTS_TIMED]
+    return [[row[i] for i in keep] for row in rows]
+
+
+def _faults_assert_same_run(out_dir, reference_dir):
+    """The finished run in out_dir equals the uninterrupted one in reference_dir: weights, AdamW moments, RNG and loop
+    state (except elapsed time) bit for bit, and log.csv in every column that does not measure time."""
+    got, want = (train.read_checkpoint(os.path.join(d, "ckpt.pt")) for d in (out_dir, reference_dir))
+    for key in ("iteration", "model", "optimizer", "rng", "model_config"):
+        _faults_assert_equal(got[key], want[key], key)
+    _faults_assert_equal({**got["loop"], "elapsed": 0}, {**want["loop"], "elapsed": 0}, "loop")
+    assert _faults_rows(out_dir) == _faults_rows(reference_dir)
+
+
+def _faults_logged_step(log_path, stale_inode):
+    """The last step in log.csv once this run has rewritten it (start_log replaces the file: a new inode); else -1."""
+    try:
+        if os.stat(log_path).st_ino == stale_inode:
+            return -1
+        with open(log_path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return -1
+    return int(lines[-1].split(",")[0]) if len(lines) > 1 else -1  # a row cut short reads as a step <= its own
+
+
+def _faults_kill_at(pid, log_path, stale_inode, step, delay):
+    """SIGKILL child pid `delay` s after its run logs `step` (step -1: `delay` s after it starts). Returns None once
+    killed, or the exit code if the child ended first."""
+    deadline = time.monotonic() + 60
+    while step >= 0 and _faults_logged_step(log_path, stale_inode) < step and time.monotonic() < deadline:
+        ended, status = os.waitpid(pid, os.WNOHANG)
+        if ended:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.001)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return None if code == -signal.SIGKILL else code
+
+
+def _faults_kill_mid_write(cfg, at_step, log_path):
+    """Run cfg in a child whose checkpoint write at `at_step` stops halfway (half the bytes in ckpt.pt.tmp, then a
+    long sleep), and SIGKILL it there."""
+    ready_r, ready_w = os.pipe()
+
+    def run():
+        save = torch.save
+
+        def save_half_then_wait(obj, f):
+            if obj["iteration"] == at_step:
+                buffer = io.BytesIO()
+                save(obj, buffer)
+                f.write(buffer.getvalue()[: buffer.tell() // 2])
+                f.flush()
+                os.write(ready_w, b"!")  # tell the parent: the file is half written now
+                time.sleep(60)
+            save(obj, f)
+
+        torch.save = save_half_then_wait  # only in this child
+        train.main(cfg)
+
+    pid = _faults_fork(run, log_path)
+    os.close(ready_w)
+    ready = select.select([ready_r], [], [], 60)[0] and os.read(ready_r, 1)  # b"" if the child ended without pausing
+    os.close(ready_r)
+    os.kill(pid, signal.SIGKILL)
+    assert _faults_wait(pid) == -signal.SIGKILL and ready == b"!", _faults_tail(log_path)
+
+
+def _faults_assert_partial(path):
+    """path is a cut-off checkpoint that train.py refuses to load."""
+    try:
+        train.read_checkpoint(path)
+    except ValueError as e:
+        assert "corrupt" in str(e)
+        return
+    raise AssertionError(f"{path} loaded, but it should be a half-written file")
+
+
+def _faults_text(path, num_docs, seed, num_words=2000):
+    """Documents of random words (a fixed pool, so the tokenizer has something to merge) joined by <|endoftext|>."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pool = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) for _ in range(num_words)]
+    text = "<|endoftext|>".join(" ".join(rng.choices(pool, k=rng.randint(50, 300))) + ".\n" for _ in range(num_docs))
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def _faults_alive(pids):
+    """Those of pids still running (not gone, not a zombie)."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        except FileNotFoundError:
+            pass
+    return alive
+
+
+# --- Training killed, disk failing, inputs corrupt --------------------------------------------------------------------
+
+def test_faults_sigkill_at_random_points_resumes_exactly():
+    """SIGKILL training at random steps (and during start-up), resume from ckpt.pt each time, until the run finishes.
+    After every kill ckpt.pt is absent (none written yet) or a complete checkpoint no older than before, config.json
+    and run.json parse, and the finished run equals an uninterrupted one bit for bit. Kill points come from a seeded
+    generator."""
+    rng = random.Random(336)
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _faults_cfg(root, max_iters=40)
+        reference = dict(cfg, out_dir=os.path.join(root, "reference"))
+        log = os.path.join(root, "children.log")
+        assert _faults_wait(_faults_fork(lambda: train.main(reference), log)) == 0, _faults_tail(log)
+        ckpt, tmp, csv_path = (os.path.join(cfg["out_dir"], n) for n in ("ckpt.pt", "ckpt.pt.tmp", "log.csv"))
+        kills = mid_write = startup = 0
+        last, resumed_from = -1, []
+        for _ in range(100):
+            resume = os.path.exists(ckpt)
+            resumed_from.append(last if resume else "new")
+            stale_inode = os.stat(csv_path).st_ino if os.path.exists(csv_path) else None
+            stale_tmp = os.stat(tmp).st_mtime_ns if os.path.exists(tmp) else None
+            at = -1 if rng.random() < 0.2 else last + rng.randint(1, 8)
+            pid = _faults_fork(lambda: train.main(dict(cfg, resume=resume)), log)
+            code = _faults_kill_at(pid, csv_path, stale_inode, at, rng.uniform(0, 0.05 if at < 0 else 0.004))
+            if code is not None:
+                assert code == 0, _faults_tail(log)
+                break
+            kills, startup = kills + 1, startup + (at < 0)
+            if os.path.exists(ckpt):
+                step = train.read_checkpoint(ckpt)["iteration"]  # raises on a partial file
+                assert step >= last and step % cfg["eval_interval"] == 0, (step, last)
+                last = step
+            else:
+                assert last == -1, "ckpt.pt disappeared"
+            for name in ("config.json", "run.json"):  # written whole or not at all
+                if os.path.exists(path := os.path.join(cfg["out_dir"], name)):
+                    with open(path) as f:
+                        json.load(f)
+            mid_write += os.path.exists(tmp) and os.stat(tmp).st_mtime_ns != stale_tmp  # this kill cut a save short
+        else:
+            raise AssertionError("the run never finished")
+        assert kills >= 8 and not os.path.exists(tmp), (kills, resumed_from)
+        _faults_assert_same_run(cfg["out_dir"], reference["out_dir"])
+        print(f"  {kills} SIGKILLs survived ({startup} in start-up, {mid_write} while writing ckpt.pt); "
+              f"starts: {resumed_from}")
+
+
+def test_faults_sigkill_while_writing_a_checkpoint_keeps_the_previous_one():
+    """Kill a run halfway through writing a checkpoint: ckpt.pt is the previous complete one (absent before the first),
+    the half-written ckpt.pt.tmp is never loaded and is replaced by the next save, and the resumed run is exact."""
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _faults_cfg(root, max_iters=24)
+        reference = dict(cfg, out_dir=os.path.join(root, "reference"))
+        log = os.path.join(root, "children.log")
+        assert _faults_wait(_faults_fork(lambda: train.main(reference), log)) == 0, _faults_tail(log)
+        ckpt, tmp = (os.path.join(cfg["out_dir"], n) for n in ("ckpt.pt", "ckpt.pt.tmp"))
+
+        _faults_kill_mid_write(cfg, 0, log)  # the very first checkpoint: there is nothing to resume
+        assert not os.path.exists(ckpt) and os.path.exists(tmp)
+        _faults_assert_partial(tmp)
+        code, err = _faults_cli(_faults_argv(cfg, resume=True), root)
+        assert code == 2 and err.startswith("error: no checkpoint at") and err.count("\n") == 1, (code, err)
+
+        _faults_kill_mid_write(cfg, 8, log)  # a new run, cut off while saving step 8: step 4 stays
+        assert train.read_checkpoint(ckpt)["iteration"] == 4
+        _faults_assert_partial(tmp)
+        _faults_kill_mid_write(dict(cfg, resume=True), 16, log)  # resumed at 4, cut off while saving 16
+        assert train.read_checkpoint(ckpt)["iteration"] == 12
+        _faults_assert_partial(tmp)
+        assert _faults_wait(_faults_fork(lambda: train.main(dict(cfg, resume=True)), log)) == 0, _faults_tail(log)
+        assert not os.path.exists(tmp)
+        _faults_assert_same_run(cfg["out_dir"], reference["out_dir"])
+
+
+def test_faults_full_disk_or_unwritable_out_dir_reported_and_last_checkpoint_kept():
+    """A checkpoint write that fails (file size limit: EFBIG, as a full disk gives ENOSPC; or the directory refusing
+    new files: EACCES) ends the CLI with one `error:` line and exit code 2; ckpt.pt keeps the previous step's bytes,
+    no .tmp is left, and resuming later finishes exactly as an uninterrupted run."""
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _faults_cfg(root, max_iters=8)
+        reference = dict(cfg, out_dir=os.path.join(root, "reference"))
+        log = os.path.join(root, "children.log")
+        assert _faults_wait(_faults_fork(lambda: train.main(reference), log)) == 0, _faults_tail(log)
+        assert _faults_wait(_faults_fork(lambda: train.main(dict(cfg, max_iters=4)), log)) == 0, _faults_tail(log)
+        ckpt = os.path.join(cfg["out_dir"], "ckpt.pt")
+        with open(ckpt, "rb") as f:
+            good = f.read()
+        limit = len(good) // 2  # the step-8 checkpoint is as large as this one; log.csv and config.json stay smaller
+
+        def full_disk():  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        def unwritable():  # chmod stops no one running as root: make open() refuse new checkpoint files instead
+            real_open = builtins.open
+
+            def refusing_open(file, mode="r", *args, **kwargs):
+                if str(file).endswith("ckpt.pt.tmp"):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+                return real_open(file, mode, *args, **kwargs)
+
+            builtins.open = refusing_open
+
+        for prepare, reason in ((full_disk, "File too large"), (unwritable, "Permission denied")):
+            code, err = _faults_cli(_faults_argv(cfg, resume=True), root, prepare)
+            assert code == 2 and err.count("\n") == 1 and reason in err, (code, err)
+            assert err.startswith(f"error: could not write checkpoint {ckpt}") and "previous checkpoint is" in err
+            with open(ckpt, "rb") as f:
+                assert f.read() == good
+            assert not os.path.exists(ckpt + ".tmp")
+            assert train.read_checkpoint(ckpt)["iteration"] == 4
+        assert _faults_wait(_faults_fork(lambda: train.main(dict(cfg, resume=True)), log)) == 0, _faults_tail(log)
+        _faults_assert_same_run(cfg["out_dir"], reference["out_dir"])
+
+
+def test_faults_corrupt_token_files_refused_by_the_cli_and_nothing_overwritten():
+    """Token files with an odd byte count, no bytes, or ids beyond vocab_size stop `python train.py` before it writes
+    anything: one `error:` line naming the file and the problem, exit code 2, out_dir unchanged byte for byte."""
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _faults_cfg(root, max_iters=4)
+        log = os.path.join(root, "children.log")
+        assert _faults_wait(_faults_fork(lambda: train.main(cfg), log)) == 0, _faults_tail(log)
+        bad = {name: os.path.join(root, name) for name in ("odd.bin", "empty.bin", "big_ids.bin")}
+        with open(bad["odd.bin"], "wb") as f:
+            f.write(b"\x01\x00\x02")
+        open(bad["empty.bin"], "wb").close()
+        np.array([1, 2, 700, 3] * 100, dtype="<u2").tofile(bad["big_ids.bin"])
+        cases = [(dict(train_data=bad["odd.bin"]), ["3 bytes", "not a whole number of uint16 tokens"]),
+                 (dict(val_data=bad["empty.bin"]), ["0 bytes"]),
+                 (dict(train_data=bad["big_ids.bin"], resume=True), ["token id 700", "vocab_size is 64"])]
+
+        def snapshot():
+            return {name: open(os.path.join(cfg["out_dir"], name), "rb").read()
+                    for name in sorted(os.listdir(cfg["out_dir"]))}
+
+        before = snapshot()
+        for overrides, expected in cases:
+            code, err = _faults_cli(_faults_argv(cfg, **overrides), root)
+            path = overrides.get("train_data") or overrides["val_data"]
+            assert code == 2 and err.startswith(f"error: {path} ") and err.count("\n") == 1, (code, err)
+            assert all(e in err for e in expected), err
+            assert snapshot() == before
+
+
+def test_faults_killed_data_preparation_restarts_cleanly():
+    """Kill `prepare_splits` while it writes train.bin (pool workers mid-chunk), and delete vocab.json as a tokenizer
+    save cut between its two renames would: the killed run leaves no train.bin, its workers exit, and running again
+    retrains the tokenizer and tokenizes both files to exactly what one-shot Tokenizer.encode gives."""
+    with tempfile.TemporaryDirectory() as root:
+        texts = {name: _faults_text(os.path.join(root, name + ".txt"), num_docs, seed)
+                 for name, num_docs, seed in (("train", 1500, 0), ("val", 50, 1))}
+        paths = [os.path.join(root, name + ".txt") for name in texts]
+        tok_dir = os.path.join(root, "tok")
+        ready_r, ready_w = os.pipe()
+
+        def prepare_and_stall():  # after train.bin.tmp gets its first chunk, stop there (and get killed)
+            parallel_map = bpe._parallel_map
+
+            def stalling_map(fn, *args, **kwargs):
+                for n, result in enumerate(parallel_map(fn, *args, **kwargs)):
+                    yield result
+                    if fn is bpe._encode_chunk and n == 0:  # encode_file has written chunk 0 when it asks for more
+                        os.write(ready_w, b"!")
+                        time.sleep(60)
+
+            bpe._parallel_map = stalling_map
+            data.prepare_splits(paths, tok_dir, 400)
+
+        log = os.path.join(root, "children.log")
+        pid = _faults_fork(prepare_and_stall, log)
+        os.close(ready_w)
+        ready = select.select([ready_r], [], [], 60)[0] and os.read(ready_r, 1)
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            workers = f.read().split()  # the encoding pool
+        os.kill(pid, signal.SIGKILL)
+        assert _faults_wait(pid) == -signal.SIGKILL and ready == b"!", _faults_tail(log)
+        partial = os.path.join(tok_dir, "train.bin.tmp")
+        assert os.path.getsize(partial) > 0 and not os.path.exists(os.path.join(tok_dir, "train.bin"))
+        assert len(workers) == 2
+        deadline = time.monotonic() + 20
+        while _faults_alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _faults_alive(workers), "orphaned pool workers kept running"
+        with open(os.path.join(tok_dir, "merges.txt")) as f:
+            merges = f.read()
+        os.remove(os.path.join(tok_dir, "vocab.json"))
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            bins = data.prepare_splits(paths, tok_dir, 400)
+        said = out.getvalue()
+        assert "vocab.json is missing" in said and said.count("tokenizing") == 2 and "partial .tmp" in said, said
+        with open(os.path.join(tok_dir, "merges.txt")) as f:
+            assert f.read() == merges  # the same text trains the same tokenizer
+        tok = bpe.load_tokenizer(tok_dir)
+        for path, text in zip(bins, texts.values()):
+            assert np.fromfile(path, dtype="<u2").tolist() == tok.encode(text), path
+        assert not [name for name in os.listdir(tok_dir) if name.endswith(".tmp")]
+
+
+def test_faults_resume_on_two_ranks_from_a_one_rank_checkpoint():
+    """A run checkpointed by one process continues on two (gloo): rank 0 keeps its data stream, rank 1 adds its own,
+    the two stay identical, and each step equals one process stepping on both ranks' batches concatenated."""
+    with tempfile.TemporaryDirectory() as root:
+        # eps and no clipping make the update depend on the gradient's scale (Adam alone would hide a sum vs a mean).
+        cfg = _faults_cfg(root, max_iters=4, eval_interval=100, grad_clip=0.0, eps=1e-2)
+        log = os.path.join(root, "children.log")
+        assert _faults_wait(_faults_fork(lambda: train.main(cfg), log)) == 0, _faults_tail(log)
+        start = train.read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+
+        def rank(r):
+            os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+            model = train.main(dict(cfg, max_iters=6, resume=True))["model"]
+            torch.save(model.state_dict(), os.path.join(root, f"rank{r}.pt"))
+
+        pids = [_faults_fork(lambda r=r: rank(r), log) for r in range(2)]
+        assert [_faults_wait(pid) for pid in pids] == [0, 0], _faults_tail(log)
+        ranks = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+        _faults_assert_equal(ranks[0], ranks[1], "rank 1 vs rank 0")
+        rows = _faults_rows(cfg["out_dir"])
+        tokens = [int(row[1]) for row in rows]
+        per_rank = cfg["batch_size"] * cfg["context_length"]
+        assert [int(row[0]) for row in rows] == list(range(7)) and tokens[6] - tokens[4] == 2 * 2 * per_rank
+
+        model = train.TransformerLM(**start["model_config"])
+        model.load_state_dict(start["model"])
+        opt = AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                     {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}])
+        opt.load_state_dict(start["optimizer"])
+        tokens = data.load_tokens(cfg["train_data"], cfg["vocab_size"])
+        for step in (4, 5):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, cfg["lr"], cfg["min_lr"], cfg["warmup_iters"], cfg["cosine_iters"])
+            batches = [data.get_batch(tokens, cfg["batch_size"], cfg["context_length"], "cpu",
+                                      torch.Generator().manual_seed(train.batch_seed(cfg["seed"], r, step)))
+                       for r in range(2)]
+            model.loss(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))[0].backward()
+            opt.step()
+            opt.zero_grad()
+        for name, p in model.state_dict().items():
+            assert torch.allclose(p, ranks[0][name], rtol=1e-4, atol=1e-6), (name, (p - ranks[0][name]).abs().max())
+
+
+def test_faults_batch_stream_depends_on_seed_rank_and_step():
+    """Each (seed, rank, step) draws its own training batch, the same one every time: ranks must not train on copies
+    of one batch, and a second seed must see other data. (torch's CPU generator keeps only a seed's low 32 bits.)"""
+    tokens = np.arange(100_000, dtype=np.uint16)
+
+    def batch(seed, rank, step):
+        generator = torch.Generator().manual_seed(train.batch_seed(seed, rank, step))
+        return tuple(data.get_batch(tokens, 4, 8, "cpu", generator)[0][:, 0].tolist())  # the 4 window starts
+
+    keys = [(seed, rank, step) for seed in (1337, 2) for rank in (0, 1, 7) for step in (0, 1, 5000)]
+    starts = {key: batch(*key) for key in keys}
+    assert len(set(starts.values())) == len(keys), "two of (seed, rank, step) draw the same batch"
+    assert all(batch(*key) == starts[key] for key in keys)
+
+
+# --- OpenWebText configs and data preparation at scale ---------------------------------------------------------------
+
+def test_faults_owt_configs_train_on_a_small_slice():
+    """config/owt.py and config/owt_leaderboard.py run end to end on CPU with their own flags, shrunk in size only
+    (data, tokenizer, widths, steps) through --key=value, and the leaderboard recipe keeps its stated budget."""
+    repo = os.path.dirname(os.path.abspath(train.__file__))
+    with tempfile.TemporaryDirectory() as root:
+        for name, num_docs, seed in (("owt_train", 60, 0), ("owt_valid", 15, 1)):
+            _faults_text(os.path.join(root, name + ".txt"), num_docs, seed, num_words=300)
+        shrink = {"train_data": f"{root}/owt_train.txt", "val_data": f"{root}/owt_valid.txt",
+                  "tokenizer_dir": f"{root}/tok", "vocab_size": 300, "d_model": 32, "num_layers": 2, "num_heads": 4,
+                  "d_ff": 64, "context_length": 32, "batch_size": 4, "max_iters": 3, "warmup_iters": 1,
+                  "cosine_iters": 3, "eval_interval": 3, "eval_iters": 1, "device": "cpu", "compile": False}
+        full = {}
+        for name in ("owt", "owt_leaderboard"):
+            path = os.path.join(repo, "config", name + ".py")
+            argv = [path, *(f"--{k}={v}" for k, v in shrink.items()), f"--out_dir={root}/{name}"]
+            with contextlib.redirect_stdout(io.StringIO()):
+                full[name] = train.configure(train.DEFAULTS, [path])
+                cfg = train.configure(train.DEFAULTS, argv)
+                result = train.main(cfg)
+            assert result["status"] == "done" and math.isfinite(result["val_loss"]), result
+            kept = {k for k in cfg if k not in shrink and k != "out_dir"}  # every flag, as the config sets it
+            assert {k: cfg[k] for k in kept} == {k: full[name][k] for k in kept}
+            assert full[name]["vocab_size"] == 32000 and full[name]["train_data"] == "data/owt_train.txt"
+        board = full["owt_leaderboard"]
+        assert board["context_length"] == 512 and board["tie_embeddings"] and board["qk_norm"] and board["z_loss"] > 0
+        assert board["cosine_iters"] == board["max_iters"] and board["dtype"] == "auto" and board["compile"]
+        acc = accounting(board, board["batch_size"])
+        tokens = board["batch_size"] * board["context_length"] * board["max_iters"]
+        assert 100e6 < acc["params"]["total"] < 130e6 and 1.5e9 < tokens < 2.5e9, (acc["params"]["total"], tokens)
+        assert acc["memory"]["bf16"]["total"] < 70 * 2**30  # fits an 80 GB H100 with room for the allocator
+
+
+def test_faults_progress_line_every_tenth_off_a_terminal():
+    """bpe's progress display, redirected to a file: nothing for a short pass, else a line per 10% plus a final one,
+    each with done/total MB, percent, MB/s and ETA (numbers checked against a pass that took a known time)."""
+    for seconds, expected_lines in ((0.0, 0), (100.0, 11)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            with bpe._Progress("encoding x.txt", 1_000_000_000) as progress:
+                progress.t0 -= seconds  # the pass began this long ago
+                for done in range(0, 1_000_000_001, 50_000_000):
+                    progress.update(done)
+        lines = out.getvalue().splitlines()
+        assert len(lines) == expected_lines, lines
+    assert lines[0].startswith("encoding x.txt: 100/1,000 MB (10%) | 1.0 MB/s | eta 15m0"), lines[0]
+    assert lines[4].startswith("encoding x.txt: 500/1,000 MB (50%) | 5.0 MB/s | eta 1m40s"), lines[4]
+    assert lines[-1].startswith("encoding x.txt: 1,000 MB in 1m40s (10.0 MB/s)"), lines[-1]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Run logs and plots (plot.py)
 # ----------------------------------------------------------------------------------------------------
 
@@ -1383,6 +1923,8 @@ def test_plot_labels_name_differing_keys():
     plot.label_runs(runs)
     assert [r.label for r in runs] == ["lr=0.01 betas=[0.9,0.95] (a)", "lr=0.01 betas=[0.9,0.95] (b)",
                                        "lr=0.1 betas=[0.9,0.99]", "d"], [r.label for r in runs]
+    plot.label_runs(runs, only=["lr", "norm"])  # --label=lr,norm: only these keys, and only where they differ
+    assert [r.label for r in runs] == ["lr=0.01 (a)", "lr=0.01 (b)", "lr=0.1", "d"], [r.label for r in runs]
 
 
 def test_plot_auto_ylim_skips_start_and_diverged_runs():
@@ -1687,6 +2229,27 @@ def test_kernels_model_use_kernels_matches_reference_ops():
     _kernels_check("logits", fast(idx), plain(idx), 1e-5)
 
 
+def test_kernels_train_key_runs_the_fused_ops_with_the_same_losses():
+    """train.py --kernels=True: the same run as the reference ops (losses and weights to float32 rounding)."""
+    results = []
+    with tempfile.TemporaryDirectory() as root:
+        for name in ("train.bin", "val.bin"):
+            np.random.default_rng(len(name)).integers(0, 40, 3000).astype("<u2").tofile(os.path.join(root, name))
+        for use in (True, False):
+            cfg = dict(train.DEFAULTS, train_data=os.path.join(root, "train.bin"), val_data=os.path.join(root, "val.bin"),
+                       tokenizer_dir=root, out_dir=os.path.join(root, f"out_{use}"), vocab_size=40, context_length=12,
+                       d_model=16, num_layers=1, num_heads=2, batch_size=2, max_iters=3, eval_interval=3, eval_iters=1,
+                       warmup_iters=1, cosine_iters=3, device="cpu", dtype="float32", kernels=use)
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                results.append(train.main(cfg))
+            assert ("kernels.py" in out.getvalue()) == use
+    fast, ref = results
+    assert fast["status"] == ref["status"] == "done" and fast["step"] == 3
+    assert math.isclose(fast["val_loss"], ref["val_loss"], rel_tol=1e-5), (fast["val_loss"], ref["val_loss"])
+    for (name, p), q in zip(fast["model"].named_parameters(), ref["model"].parameters()):
+        _kernels_check(f"weights {name}", p.detach(), q.detach(), 1e-5, 1e-4)
+
+
 def test_kernels_bench_tiny_cpu():
     """bench.py end to end on CPU: the bf16 path and the float32 reference start from the same loss, and KV-cache
     decoding gives the tokens recomputation gives; the tokenizer section trains to the asked vocab size."""
@@ -1701,6 +2264,57 @@ def test_kernels_bench_tiny_cpu():
     (trained,), encoded = result["tokenizer"]["training"], result["tokenizer"]["encoding"]
     assert trained["vocab_size"] == 300 and trained["count_mb_s"] > 0 and trained["merge_s"] >= 0
     assert 1.0 < encoded["bytes_per_token"] < 4.0 and encoded["encode_file_mb_s"] > 0  # 44 merges: short tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# The repository: from-scratch rule and size budget
+# ----------------------------------------------------------------------------------------------------
+
+_REPO_LINE_BUDGET = {"bpe.py": 600, "model.py": 560, "optim.py": 150, "data.py": 200, "configurator.py": 150,
+                     "train.py": 520, "sample.py": 180, "kernels.py": 700, "bench.py": 480, "plot.py": 300}
+_REPO_ALLOWED = {"torch.nn": {"Parameter", "Module", "ModuleList", "ModuleDict", "init"}, "torch.optim": {"Optimizer"}}
+
+
+def _repo_torch_uses(source: str) -> set[str]:
+    """Names under torch.nn / torch.optim that source imports or reads, as 'torch.nn.X' (X the first member)."""
+    uses = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[:2] in (["torch", "nn"],
+                                                                                               ["torch", "optim"]):
+            uses |= {".".join((node.module + "." + alias.name).split(".")[:3]) for alias in node.names}
+        elif isinstance(node, ast.Import):
+            uses |= {".".join(a.name.split(".")[:3]) for a in node.names if a.name.startswith(("torch.nn.", "torch.optim."))}
+        elif isinstance(node, ast.Attribute):
+            parts, inner = [node.attr], node.value
+            while isinstance(inner, ast.Attribute):
+                parts.append(inner.attr)
+                inner = inner.value
+            dotted = ".".join([getattr(inner, "id", "?"), *reversed(parts)])
+            if dotted.startswith(("torch.nn.", "torch.optim.")):
+                uses.add(".".join(dotted.split(".")[:3]))
+    return uses
+
+
+def _repo_violations(source: str) -> list[str]:
+    return sorted(u for u in _repo_torch_uses(source) if u.split(".")[2] not in _REPO_ALLOWED[".".join(u.split(".")[:2])])
+
+
+def test_from_scratch_rule_and_size_budget():
+    """From torch.nn only Parameter, Module, containers (and init); from torch.optim only the Optimizer base class;
+    nothing from torch.nn.functional or torch.nn.parallel. Every file stays within its line budget (STYLE point 15)."""
+    bad = ("import torch.nn.functional as F", "from torch.nn import Linear", "y = torch.nn.functional.silu(x)",
+           "opt = torch.optim.AdamW(ps)", "from torch.nn.parallel import DistributedDataParallel")
+    assert all(_repo_violations(line) for line in bad)  # the checker itself catches each kind of use
+    assert not _repo_violations("from torch.nn import Module, Parameter\ntorch.nn.init.trunc_normal_(w)\n"
+                                "class A(torch.optim.Optimizer): pass")
+    repo = os.path.dirname(os.path.abspath(model.__file__))
+    for name, budget in _REPO_LINE_BUDGET.items():
+        with open(os.path.join(repo, name)) as f:
+            source = f.read()
+        assert not _repo_violations(source), f"{name} uses {_repo_violations(source)}: not allowed from scratch"
+        lines = source.count("\n")
+        print(f"  {name:<16} {lines:>4} lines (budget {budget})")
+        assert lines <= budget, f"{name} has {lines} lines, over its budget of {budget}"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import textwrap
 import time
 from typing import BinaryIO
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -204,8 +205,9 @@ def pick_dtype(name: str, dev: torch.device) -> tuple[torch.dtype, str]:
 
 def batch_seed(seed: int, rank: int, step: int) -> int:
     """Seed for the batch `rank` draws at `step`. The data stream is a function of (seed, rank, step), so a resumed run
-    needs no sampler state and redraws exactly; resumed on more ranks, ranks 0..n-1 keep their streams."""
-    return (seed * 2**48 + rank * 2**32 + step) % 2**64
+    needs no sampler state and redraws exactly; resumed on more ranks, ranks 0..n-1 keep their streams. torch's CPU
+    generator keeps only a seed's low 32 bits, so the three are hashed into 32 bits (NumPy's SeedSequence)."""
+    return int(np.random.SeedSequence((seed, rank, step)).generate_state(1)[0])
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, int]:
@@ -337,6 +339,7 @@ def main(cfg: dict) -> dict:
     if world > 1 and master:
         dist.barrier()
     train_tokens, val_tokens = (data.load_tokens(path, cfg["vocab_size"]) for path in bins)
+    train_tokens, val_tokens = (data.tokens_to_device(t, dev) for t in (train_tokens, val_tokens))  # on a GPU if it fits
 
     torch.manual_seed(cfg["seed"])
     model = TransformerLM(**{k: cfg[k] for k in MODEL_KEYS}, device=dev)
@@ -379,8 +382,10 @@ def main(cfg: dict) -> dict:
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         for name, obj in (("config.json", cfg), ("run.json", run)):
-            with open(os.path.join(cfg["out_dir"], name), "w") as f:
+            path = os.path.join(cfg["out_dir"], name)
+            with open(path + ".tmp", "w") as f:  # tmp + rename: a crash never leaves half a JSON file
                 json.dump(obj, f, indent=1)
+            os.replace(path + ".tmp", path)
         start_log(log_path, keep_until=step if cfg["resume"] else None)
 
     def save(step: int) -> None:
