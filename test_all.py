@@ -2270,8 +2270,8 @@ def test_kernels_bench_tiny_cpu():
 # The repository: from-scratch rule and size budget
 # ----------------------------------------------------------------------------------------------------
 
-_REPO_LINE_BUDGET = {"bpe.py": 600, "model.py": 560, "optim.py": 150, "data.py": 200, "configurator.py": 150,
-                     "train.py": 520, "sample.py": 180, "kernels.py": 700, "bench.py": 480, "plot.py": 300}
+_REPO_LINE_BUDGET = {"bpe.py": 620, "model.py": 510, "optim.py": 130, "data.py": 170, "configurator.py": 140,
+                     "train.py": 530, "sample.py": 160, "kernels.py": 660, "bench.py": 460, "plot.py": 290}
 _REPO_ALLOWED = {"torch.nn": {"Parameter", "Module", "ModuleList", "ModuleDict", "init"}, "torch.optim": {"Optimizer"}}
 
 

@@ -81,12 +81,13 @@ keep ablations base_seed2 base_seed3 post_norm post_norm_seed2 post_norm_lr3e-3 
 # Figures and tables, from the committed files alone.
 mkdir -p assets
 L=results/lr
-python plot.py $L/lr_1e-4 $L/lr_1e-3 $L/lr_3e-3 results/baseline/* $L/lr_3e-2 $L/lr_1 --out=assets/lr_sweep.png --table=md
+python plot.py $L/lr_1e-4 $L/lr_1e-3 $L/lr_3e-3 results/baseline/* $L/lr_3e-2 $L/lr_1 --label=lr --out=assets/lr_sweep.png \
+    --table=md
 python plot.py results/batch/bs_8 results/batch/bs_16 results/baseline/* results/batch/bs_64 \
     --label=batch_size,lr --out=assets/batch_sweep.png --table=md
 A=results/ablations  # one seed each; then the runs with two or three seeds, on a finer scale
 python plot.py results/baseline/* $A/no_norm_lr1e-2 $A/no_norm_lr2e-3 $A/no_norm_lr3e-2 $A/post_norm \
-    $A/post_norm_lr3e-3 $A/nope $A/silu --out=assets/ablations.png --ylim 3.9 6.4 --table=md
+    $A/post_norm_lr3e-3 $A/nope $A/silu --label=norm,pos,ffn,lr --out=assets/ablations.png --ylim 3.9 6.4 --table=md
 python plot.py results/baseline/* $A/base_seed2 $A/base_seed3 $A/no_norm_lr1e-2 $A/no_norm_lr1e-2_seed2 $A/nope \
-    $A/nope_seed2 $A/silu $A/silu_seed2 --out=assets/ablation_seeds.png --ylim 4.0 5.2 --table=md
+    $A/nope_seed2 $A/silu $A/silu_seed2 --label=norm,pos,ffn,seed --out=assets/ablation_seeds.png --ylim 4.0 5.2 --table=md
 echo "$(date +%T) done in $(( ($(date +%s) - start) / 60 )) min"
