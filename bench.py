@@ -71,17 +71,6 @@ def new_model(cfg: dict, device: torch.device) -> TransformerLM:
     return TransformerLM(**{key: cfg[key] for key in MODEL_KEYS}, device=device)
 
 
-def use_kernels(model: TransformerLM, ops: tuple[str, ...]) -> tuple[str, ...]:
-    """Route ops through kernels.py if model.py offers the switch (say so when it does not); returns the ops on."""
-    if not ops:
-        return ()
-    if not hasattr(model, "use_kernels"):
-        print("  kernels: model.py has no use_kernels() switch yet; this path runs the reference ops")
-        return ()
-    model.use_kernels(ops)
-    return ops
-
-
 def compiled_adamw(groups: list[tuple[list[torch.Tensor], float]], cfg: dict, device: torch.device, compiled: bool):
     """AdamW through kernels.adamw_step(_compiled): moments as tensor lists, t and lr as 0-D device tensors that
     change in place, so the compiled step never recompiles. Returns step(lr)."""
@@ -129,7 +118,7 @@ def bench_training(cfg: dict, path: str, device: torch.device) -> dict:
     if device.type == "cuda":  # peak over the whole path, compilation included, as the peer measures it
         torch.cuda.reset_peak_memory_stats(device)
     model = new_model(cfg, device)
-    kernels_on = use_kernels(model, spec["kernels"])
+    model.use_kernels(spec["kernels"])
     compiled = spec["compile"] and cfg["compile_enabled"]
     loss_fn = torch.compile(model.loss, dynamic=False, mode=cfg["compile_mode"]) if compiled else model.loss
     optimizer_step = make_optimizer(model, cfg, spec["optimizer"], device, compiled)
@@ -161,7 +150,7 @@ def bench_training(cfg: dict, path: str, device: torch.device) -> dict:
     dt = (time.perf_counter() - t0) / cfg["steps"]
     tokens_per_s = cfg["batch_size"] * cfg["context_length"] / dt
     mfu = tokens_per_s * cfg["train_flops_per_token"] / cfg["peak"] if cfg["peak"] else 0.0
-    return {"path": path, **spec, "kernels": ",".join(kernels_on), "compile": compiled,
+    return {"path": path, **spec, "kernels": ",".join(spec["kernels"]), "compile": compiled,
             "ms_per_step": round(1000 * dt, 2), "tokens_per_s": round(tokens_per_s), "mfu": round(mfu, 4),
             "peak_mem_gb": peak_memory_gb(device), "first_loss": round(first_loss, 4),
             "last_loss": round(float(loss), 4)}
@@ -225,11 +214,7 @@ def check_kernels(cfg: dict, device: torch.device, batch: int = 8) -> bool:
     outs_ref, grads_ref = _grads(lambda h, w: kernels.linear_cross_entropy_reference(h, w, targets), [h, w])
     for name, a, b in zip(("ce", "z", "dh", "dweight"), outs + grads, outs_ref + grads_ref):
         ok &= _report(f"linear_cross_entropy {name}", a, b, 2e-2)
-    if hasattr(model, "use_kernels"):
-        ok &= check_model(cfg, device, batch)
-    else:
-        print("  model fast loss: skipped, model.py has no use_kernels() switch yet")
-    return ok
+    return ok & check_model(cfg, device, batch)
 
 
 def check_model(cfg: dict, device: torch.device, batch: int) -> bool:
