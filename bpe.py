@@ -143,13 +143,13 @@ class _Progress(contextlib.AbstractContextManager):  # `with` returns the object
         if elapsed >= self.quiet_s and (elapsed - self.shown >= 0.25 if self.tty else tenth):
             rate, left = done / self.scale / elapsed, (self.total - done) / self.scale
             self._show(f"{done / self.scale:,.0f}/{self.total / self.scale:,.0f} {self.unit} ({done / self.total:.0%}) "
-                       f"| {rate:,.1f} {self.unit}/s | eta {_hms(left / rate if rate else 0)}")
+                       f"| {rate:,.1f} {self.unit}/s | eta {hms(left / rate if rate else 0)}")
             self.shown = elapsed
 
     def __exit__(self, *exc) -> None:
         elapsed = time.perf_counter() - self.t0
         if self.shown:
-            self._show(f"{self.done / self.scale:,.0f} {self.unit} in {_hms(elapsed)} "
+            self._show(f"{self.done / self.scale:,.0f} {self.unit} in {hms(elapsed)} "
                        f"({self.done / self.scale / elapsed:,.1f} {self.unit}/s)", end="\n")
 
     def _show(self, text: str, end: str = "") -> None:
@@ -157,7 +157,8 @@ class _Progress(contextlib.AbstractContextManager):  # `with` returns the object
         print(f"\r{line}\x1b[K" if self.tty else line, end=end if self.tty else "\n", flush=True)
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """Seconds as a short duration for progress lines: 75 -> '1m15s', 4000 -> '1h06m'."""
     s = int(seconds)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -210,7 +211,7 @@ def _init_worker(init: Callable | None, init_args: tuple) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_write(path: str, mode: str = "w"):
+def atomic_write(path: str, mode: str = "w"):
     """Write to path + '.tmp' and rename it over path only if the block succeeds: an error or a crash
     never leaves a partial file under the real name."""
     tmp = f"{path}.tmp"
@@ -410,7 +411,7 @@ class Tokenizer:
 
     def save(self, vocab_path: str, merges_path: str) -> None:
         """Write vocab.json + merges.txt in GPT-2's format; neither file is replaced unless both are written."""
-        with _atomic_write(vocab_path) as fv, _atomic_write(merges_path) as fm:
+        with atomic_write(vocab_path) as fv, atomic_write(merges_path) as fm:
             json.dump({_to_unicode(t): i for i, t in sorted(self.vocab.items())}, fv, ensure_ascii=False)
             fm.write("#version: 0.2\n")
             fm.writelines(f"{_to_unicode(a)} {_to_unicode(b)}\n" for a, b in self.merges)
@@ -525,7 +526,7 @@ def encode_file(input_path: str, out_path: str, tokenizer_dir: str, special_toke
         raise ValueError(f"{tokenizer_dir}: {tok.vocab_size} tokens do not fit in uint16 ids (at most 65536)")
     init_args = (tok.vocab, tok.merges, list(tok.special_ids))
     num_tokens = 0
-    with _atomic_write(out_path, "wb") as f, _Progress(f"encoding {input_path}", os.path.getsize(input_path)) as p:
+    with atomic_write(out_path, "wb") as f, _Progress(f"encoding {input_path}", os.path.getsize(input_path)) as p:
         for data in _parallel_map(_encode_chunk, _read_chunks(input_path, tok._specials, progress=p), num_workers,
                                   _init_encoder, init_args):
             f.write(data)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import data
+from bpe import atomic_write, hms
 from configurator import check_known, configure, typed
 from kernels import available as triton_available
 from model import MODEL_KEYS, TransformerLM
@@ -254,11 +255,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def start_log(path: str, keep_until: int | None) -> None:
     """Write log.csv's header; on resume keep the complete rows up to the checkpoint's step (later ones replay)."""
     rows = []
@@ -382,10 +378,8 @@ def main(cfg: dict) -> dict:
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         for name, obj in (("config.json", cfg), ("run.json", run)):
-            path = os.path.join(cfg["out_dir"], name)
-            with open(path + ".tmp", "w") as f:  # tmp + rename: a crash never leaves half a JSON file
+            with atomic_write(os.path.join(cfg["out_dir"], name)) as f:  # a crash never leaves half a JSON file
                 json.dump(obj, f, indent=1)
-            os.replace(path + ".tmp", path)
         start_log(log_path, keep_until=step if cfg["resume"] else None)
 
     def save(step: int) -> None:
@@ -421,7 +415,7 @@ def main(cfg: dict) -> dict:
                     say(f"step {step}/{cfg['max_iters']} ({step / max(cfg['max_iters'], 1):.1%}) | "
                         f"loss {last['train_loss']:.4f} | lr {last['lr']:.2e} | dt {1000 * dt:.1f} ms | "
                         f"{last['tokens_per_s']:,.0f} tok/s | MFU {last['mfu']:.1%} | "
-                        f"elapsed {_hms(loop['elapsed'])} | eta {_hms(dt * max(cfg['max_iters'] - step, 0))}")
+                        f"elapsed {hms(loop['elapsed'])} | eta {hms(dt * max(cfg['max_iters'] - step, 0))}")
                     if window[1] == start:
                         say(memory_report(model, cfg["batch_size"], dtype, dev))
                     window = (loop["elapsed"], step)
