@@ -20,15 +20,16 @@ import gzip
 import heapq
 import io
 import json
-import math
 import multiprocessing
+import operator
 import os
+import re
 import resource
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from itertools import chain
+from itertools import chain, repeat
 
 import numpy as np
 import regex
@@ -39,7 +40,14 @@ PAT = regex.compile(r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]
 EOT = "<|endoftext|>"
 _BYTES = [bytes([b]) for b in range(256)]  # the one-byte tokens, indexed by byte value
 _WS_CUT = regex.compile(r"(?r)\S(?=\s)")  # searched in reverse: the last non-space char before a space
+# Whitespace as PAT's \s sees it (Unicode White_Space: unlike str.isspace, not \x1c-\x1f; a test checks every
+# code point). A segment is a whitespace run then a non-whitespace run: its ends are safe cuts (see
+# _Specials.cut_point), so it pre-tokenizes alone as it does in its text. The stdlib `re` finds segments
+# ~3x faster than PAT finds pre-tokens, and a segment (" said,") repeats about as often as a word.
+_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+SEGMENT = re.compile(f"[{_WS}]*[^{_WS}]+|[{_WS}]+")
 Pair = tuple[bytes, bytes]
+_NO_MERGE = (float("inf"), None, None)  # what Tokenizer._encode_word sees for a pair that is not a merge
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -253,89 +261,92 @@ def count_pretokens(input_path: str, special_tokens: Iterable[str], num_workers:
     return total
 
 
-def _merge_word(word: tuple[bytes, ...], pair: Pair, merged: bytes) -> tuple[bytes, ...]:
-    """Replace each occurrence of pair in word, scanning left to right.
-
-    >>> _merge_word((b"a", b"a", b"a", b"b"), (b"a", b"a"), b"aa")
-    (b'aa', b'a', b'b')
-    """
-    out, i = [], 0
-    while i < len(word):
-        if word[i] == pair[0] and i + 1 < len(word) and word[i + 1] == pair[1]:
-            out.append(merged)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
-
+# learn_merges spells a word as a str with one character per token, chr(token id), so merging a pair is
+# str.replace and finding one is str.find, both in C; a pair is the two-character string of its ids.
 
 class _Greatest:
     """Heap key for a pair. heapq pops the smallest entry, so the comparison is inverted: among pairs of
     equal count the lexicographically greatest (bytes, bytes) pops first, as CS336 specifies."""
-    __slots__ = ("pair",)
+    __slots__ = ("key", "pair")
 
-    def __init__(self, pair: Pair):
-        self.pair = pair
+    def __init__(self, key: str, tokens: list[bytes]):
+        self.key, self.pair = key, (tokens[ord(key[0])], tokens[ord(key[1])])
 
     def __lt__(self, other: "_Greatest") -> bool:
         return self.pair > other.pair
 
 
-def _pop_most_frequent(heap: list, pair_counts: dict[Pair, int]) -> Pair | None:
+def _pop_most_frequent(heap: list, pair_counts: dict[str, int]) -> str | None:
     """Pop the most frequent pair. Entries are (-count, key) and a count may since have dropped:
     such a stale entry is pushed back with its current count. None when no pair is left."""
     while heap:
-        neg_count, key = heapq.heappop(heap)
-        count = pair_counts.get(key.pair, 0)
+        neg_count, entry = heapq.heappop(heap)
+        count = pair_counts.get(entry.key, 0)
         if count == -neg_count:
-            return key.pair
+            return entry.key
         if count > 0:
-            heapq.heappush(heap, (-count, key))
+            heapq.heappush(heap, (-count, entry))
     return None
 
 
-def _apply_merge(pair: Pair, words: list, counts: list[int], pair_counts: dict, where: dict, heap: list) -> None:
-    """Rewrite the words that contain pair and update pair counts by the difference.
-    `where[p]` may still list words that lost p in an earlier merge; rewriting those changes nothing."""
-    merged = pair[0] + pair[1]
+def _apply_merge(pair: str, new: str, words: list[str], counts: list[int], pair_counts: dict, where: dict,
+                 heap: list, tokens: list[bytes]) -> None:
+    """Replace pair by the token new in the words that hold it, and update the pair counts. Only pairs next
+    to an occurrence change: in x a b y, (x, a) (a, b) (b, y) become (x, ab) (ab, y). `where[p]` may still
+    list words that lost p in an earlier merge; find skips those."""
+    a, b = pair
     delta = collections.defaultdict(int)
-    for i in where.pop(pair):
-        old = words[i]
-        words[i] = new = _merge_word(old, pair, merged)
-        for p in zip(old, old[1:]):
-            delta[p] -= counts[i]
-        for p in zip(new, new[1:]):
-            delta[p] += counts[i]
-            where[p].add(i)
+    for w in where.pop(pair):
+        word, count = words[w], counts[w]
+        end, i = -1, word.find(pair)  # end: where the previous occurrence ended
+        while i >= 0:
+            delta[pair] -= count
+            if i > 0:  # x is the new token itself when the previous occurrence ended here: (b, a) -> (ab, ab)
+                delta[word[i - 1] + a] -= count
+                grown = (new if i == end else word[i - 1]) + new
+                delta[grown] += count
+                where[grown].add(w)
+            if i + 2 < len(word) and word[i + 2:i + 4] != pair:  # a y that starts the next occurrence is its x
+                delta[b + word[i + 2]] -= count
+                grown = new + word[i + 2]
+                delta[grown] += count
+                where[grown].add(w)
+            end = i + 2
+            i = word.find(pair, end)
+        words[w] = word.replace(pair, new)
     for p, d in delta.items():
         pair_counts[p] += d
         if pair_counts[p] == 0:
             del pair_counts[p]
             where.pop(p, None)
         elif d > 0:  # a grown count needs a fresh entry; a shrunk one is refreshed lazily when popped
-            heapq.heappush(heap, (-pair_counts[p], _Greatest(p)))
+            heapq.heappush(heap, (-pair_counts[p], _Greatest(p, tokens)))
 
 
 def learn_merges(pretoken_counts: dict[str, int], num_new_tokens: int) -> list[Pair]:
     """Merge the most frequent adjacent pair of tokens until num_new_tokens new tokens exist or no pair is
     left. Each unique pre-token is a word of byte tokens weighted by its count; pair_counts and `where`
     (pair -> words holding it) are updated incrementally, so a merge touches only the words it changes."""
-    words = [tuple(map(_BYTES.__getitem__, w.encode("utf-8"))) for w in pretoken_counts]
+    tokens = list(_BYTES)  # id -> bytes; a byte's id is its value, so latin-1 decoding spells a word
+    ids = {token: i for i, token in enumerate(tokens)}
+    words = [w.encode("utf-8").decode("latin-1") for w in pretoken_counts]
     counts = list(pretoken_counts.values())
     pair_counts, where = collections.defaultdict(int), collections.defaultdict(set)
-    for i, word in enumerate(words):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += counts[i]
-            where[pair].add(i)
-    heap = [(-count, _Greatest(pair)) for pair, count in pair_counts.items()]
+    for w, (word, count) in enumerate(zip(words, counts)):
+        for pair in map(operator.add, word, word[1:]):  # one object per pair, shared by both tables
+            pair_counts[pair] += count
+            where[pair].add(w)
+    heap = [(-count, _Greatest(pair, tokens)) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
-    tokens, merges = set(_BYTES), []
+    merges = []
     with _Progress("merging", num_new_tokens, unit="tokens", scale=1) as progress:
         while len(tokens) < 256 + num_new_tokens and (pair := _pop_most_frequent(heap, pair_counts)):
-            merges.append(pair)
-            tokens.add(pair[0] + pair[1])
-            _apply_merge(pair, words, counts, pair_counts, where, heap)
+            a, b = tokens[ord(pair[0])], tokens[ord(pair[1])]
+            merges.append((a, b))
+            if a + b not in ids:  # the same bytes made by another merge earlier keep their id
+                ids[a + b] = len(tokens)
+                tokens.append(a + b)
+            _apply_merge(pair, chr(ids[a + b]), words, counts, pair_counts, where, heap, tokens)
             progress.update(len(tokens) - 256)
     return merges
 
@@ -359,17 +370,17 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: Iterable[str],
 
 # ---------------------------------------------------------------------------------------------- tokenizer
 
-class _PretokenCache(dict):
-    """pre-token -> ids, filled on a miss by encode_word; emptied at 2**20 entries to bound its memory."""
+class _Cache(dict):
+    """text -> ids, filled on a miss by encode; emptied at 2**20 entries to bound its memory."""
 
-    def __init__(self, encode_word: Callable[[str], tuple[int, ...]]):
+    def __init__(self, encode: Callable[[str], tuple[int, ...]]):
         super().__init__()
-        self.encode_word = encode_word
+        self.encode = encode
 
-    def __missing__(self, word: str) -> tuple[int, ...]:
+    def __missing__(self, text: str) -> tuple[int, ...]:
         if len(self) >= 1 << 20:
             self.clear()
-        ids = self[word] = self.encode_word(word)
+        ids = self[text] = self.encode(text)
         return ids
 
 
@@ -384,7 +395,6 @@ class Tokenizer:
 
     def __init__(self, vocab: dict[int, bytes], merges: list[Pair], special_tokens: Iterable[str] | None = None):
         self.vocab, self.merges = dict(vocab), list(merges)
-        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}  # encode applies lower ranks first
         self.ids = {token: i for i, token in sorted(self.vocab.items(), reverse=True)}  # lowest id wins
         special_tokens = list(dict.fromkeys(special_tokens or ()))
         for token in map(str.encode, special_tokens):
@@ -393,8 +403,14 @@ class Tokenizer:
                 self.vocab[self.ids[token]] = token
         self.special_ids = {s: self.ids[s.encode()] for s in special_tokens}
         self._specials = _Specials(self.special_ids)
-        self._cache = _PretokenCache(self._encode_word)
         self._check()
+        # _encode_word spells a pre-token with one character per token, chr(id), so a merge is a str.replace
+        self._byte_chars = [chr(self.ids[b]) for b in _BYTES]  # str.translate table for latin-1 text
+        chars = {token: chr(i) for token, i in self.ids.items()}
+        self._char_ids = {chr(i): i for i in self.ids.values()}
+        self._merge_of = {chars[a] + chars[b]: (rank, chars[a] + chars[b], chars[a + b])  # pair -> (rank, pair, merged)
+                          for rank, (a, b) in enumerate(self.merges)}
+        self._cache = _Cache(self._encode_segment)  # segment (see SEGMENT) or pre-token -> ids
 
     def _check(self) -> None:
         missing = [b for b in _BYTES if b not in self.ids]
@@ -423,24 +439,32 @@ class Tokenizer:
     def _encode_word(self, word: str) -> tuple[int, ...]:
         """Ids of one pre-token: merge the lowest-ranked adjacent pair (every occurrence, as in training)
         until no adjacent pair is a merge. With merges [(t,h), (th,e)]: t h e -> th e -> the."""
-        parts = tuple(map(_BYTES.__getitem__, word.encode("utf-8")))
+        parts = word.encode("utf-8").decode("latin-1").translate(self._byte_chars)
         while len(parts) > 1:
-            pair = min(zip(parts, parts[1:]), key=lambda p: self.ranks.get(p, math.inf))
-            if pair not in self.ranks:
+            rank, pair, merged = min(map(self._merge_of.get, map(operator.add, parts, parts[1:]), repeat(_NO_MERGE)))
+            if pair is None:
                 break
-            parts = _merge_word(parts, pair, pair[0] + pair[1])
-        return tuple(self.ids[p] for p in parts)
+            parts = parts.replace(pair, merged)
+        return tuple(map(self._char_ids.__getitem__, parts))  # the ints of self.ids, not a new int per token
+
+    def _encode_segment(self, segment: str) -> tuple[int, ...]:
+        """Ids of a segment: most are one pre-token; the others join the cached ids of their pre-tokens. A
+        pre-token pre-tokenizes to itself, so one cache serves segments and pre-tokens alike."""
+        words = PAT.findall(segment)
+        if len(words) == 1:
+            return self._encode_word(segment)
+        return tuple(chain.from_iterable(map(self._cache.__getitem__, words)))
 
     def encode(self, text: str) -> list[int]:
-        """Ids of text: each special token is its own id; the text between them is pre-tokenized and each
-        pre-token is encoded once, then looked up (the lookup loop runs in C: map + chain)."""
+        """Ids of text: each special token is its own id; the text between them is cut into segments, and
+        each distinct segment is pre-tokenized and encoded once, then looked up (the loop runs in C)."""
         ids = []
         for piece in self._specials.pieces(text):
             for i, part in enumerate(self._specials.split(piece)):
                 if i % 2:
                     ids.append(self.special_ids[part])
                 else:
-                    ids.extend(chain.from_iterable(map(self._cache.__getitem__, PAT.findall(part))))
+                    ids.extend(chain.from_iterable(map(self._cache.__getitem__, SEGMENT.findall(part))))
         return ids
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:

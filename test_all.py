@@ -247,6 +247,36 @@ def test_bpe_encode_matches_naive_on_long_text():
     assert tok.encode(text) == _bpe_naive_encode(text, tok.vocab, tok.merges, [_BPE_EOT])
 
 
+def test_bpe_segments_cut_only_at_whitespace_the_pretokenizer_sees():
+    """encode looks up whitespace-delimited segments found with the stdlib `re`; its whitespace class must be
+    the `regex` module's \\s on every code point (str.isspace differs: \\x1c-\\x1f), and mixed whitespace,
+    \\x1c-style separators and contractions must encode as the definition says."""
+    every_char = "".join(map(chr, range(0x110000)))
+    assert re.findall(f"[{bpe._WS}]", every_char) == regex.findall(r"\s", every_char)
+    rng = random.Random(8)
+    alphabet = list(" \t\n\r\x0b\x0c\x85\xa0\u1680\u2003\u2028\u3000\x1c\x1d\x1e\x1f") + ["a", "Z", "7", "!", "'s", "'"]
+    text = "".join(rng.choice(alphabet) for _ in range(3000)) + ("x!\x1c!\x1f " * 40) + _BPE_EOT + " \x1c\n "
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _bpe_trained(tmp, text, 400)
+    assert (b"!", b"\x1c") in tok.merges  # a merge across \x1c, which str.isspace would call a space
+    words = regex.findall(_BPE_GPT2_PAT, text + _bpe_random_unicode(rng, 3000))
+    assert all(regex.findall(_BPE_GPT2_PAT, w) == [w] for w in words)  # so one cache holds pre-tokens and segments
+    for n in range(0, len(text), 500):
+        piece = text[n:n + 700]
+        assert tok.encode(piece) == tok.encode(piece) == _bpe_naive_encode(piece, tok.vocab, tok.merges, [_BPE_EOT])
+
+
+def test_bpe_any_ids_even_in_the_surrogate_range():
+    """The encoder spells tokens as chr(id): ids past 55,296 (the UTF-16 surrogates, vocabularies over 55k) work."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _bpe_trained(tmp, _bpe_corpus(9, 30), 400)
+    shift = 0xD800 - 300  # new tokens land on both sides of U+D800
+    shifted = bpe.Tokenizer({i + shift: t for i, t in tok.vocab.items()}, tok.merges, [_BPE_EOT])
+    text = _bpe_corpus(10, 5)
+    assert shifted.encode(text) == [i + shift for i in tok.encode(text)]
+    assert max(shifted.encode(text)) > 0xD800 and shifted.decode(shifted.encode(text)) == text
+
+
 def _bpe_check_stream(tok, text, specials, rng):
     """encode_iterable == the definition's ids, for adversarial ways of cutting text into pieces."""
     expected = _bpe_naive_encode(text, tok.vocab, tok.merges, specials)
