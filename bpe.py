@@ -40,10 +40,9 @@ PAT = regex.compile(r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]
 EOT = "<|endoftext|>"
 _BYTES = [bytes([b]) for b in range(256)]  # the one-byte tokens, indexed by byte value
 _WS_CUT = regex.compile(r"(?r)\S(?=\s)")  # searched in reverse: the last non-space char before a space
-# Whitespace as PAT's \s sees it (Unicode White_Space: unlike str.isspace, not \x1c-\x1f; a test checks every
-# code point). A segment is a whitespace run then a non-whitespace run: its ends are safe cuts (see
-# _Specials.cut_point), so it pre-tokenizes alone as it does in its text. The stdlib `re` finds segments
-# ~3x faster than PAT finds pre-tokens, and a segment (" said,") repeats about as often as a word.
+# Whitespace as PAT's \s sees it (Unicode White_Space; str.isspace adds \x1c-\x1f; a test checks every code point).
+# A segment (" said,") is a whitespace run then a non-whitespace run; both its ends are safe cuts (cut_point), so
+# it pre-tokenizes alone as in its text. encode caches segments, which the stdlib `re` finds ~3x faster than PAT.
 _WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 SEGMENT = re.compile(f"[{_WS}]*[^{_WS}]+|[{_WS}]+")
 Pair = tuple[bytes, bytes]
@@ -261,9 +260,6 @@ def count_pretokens(input_path: str, special_tokens: Iterable[str], num_workers:
     return total
 
 
-# learn_merges spells a word as a str with one character per token, chr(token id), so merging a pair is
-# str.replace and finding one is str.find, both in C; a pair is the two-character string of its ids.
-
 class _Greatest:
     """Heap key for a pair. heapq pops the smallest entry, so the comparison is inverted: among pairs of
     equal count the lexicographically greatest (bytes, bytes) pops first, as CS336 specifies."""
@@ -326,7 +322,9 @@ def _apply_merge(pair: str, new: str, words: list[str], counts: list[int], pair_
 def learn_merges(pretoken_counts: dict[str, int], num_new_tokens: int) -> list[Pair]:
     """Merge the most frequent adjacent pair of tokens until num_new_tokens new tokens exist or no pair is
     left. Each unique pre-token is a word of byte tokens weighted by its count; pair_counts and `where`
-    (pair -> words holding it) are updated incrementally, so a merge touches only the words it changes."""
+    (pair -> words holding it) are updated incrementally, so a merge touches only the words it changes.
+    A word is a str with one character per token, chr(id), so finding and merging a pair (a two-character
+    str) are str.find and str.replace, both in C."""
     tokens = list(_BYTES)  # id -> bytes; a byte's id is its value, so latin-1 decoding spells a word
     ids = {token: i for i, token in enumerate(tokens)}
     words = [w.encode("utf-8").decode("latin-1") for w in pretoken_counts]
