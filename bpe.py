@@ -295,12 +295,12 @@ def count_pretokens(input_path: str, special_tokens: Iterable[str], num_workers:
     Memory holds a few chunks, the workers' tables and the table of unique pre-tokens, never the file."""
     special_tokens = tuple(special_tokens)
     count = functools.partial(_count_into_table, special_tokens=special_tokens, table_size=table_size)
-    total = collections.Counter()
     with _Progress(f"counting pre-tokens in {input_path}", os.path.getsize(input_path)) as progress:
         chunks = _read_chunks(input_path, _Specials(special_tokens), chunk_chars, progress)
-        for table in _parallel_map(count, chunks, num_workers, _new_table, finish=_hand_over_table):
-            if table:
-                total.update(table)
+        tables = filter(None, _parallel_map(count, chunks, num_workers, _new_table, finish=_hand_over_table))
+        total = next(tables, collections.Counter())  # the first table becomes the total, without a copy
+        for table in tables:
+            total.update(table)
     return total
 
 
