@@ -43,10 +43,12 @@ def note(message: str) -> None:
 
 
 def expand(patterns: list[str]) -> list[str]:
-    """Paths matched by each argument (a directory or a glob pattern), in order, without duplicates."""
+    """Run directories matched by each argument (a directory, its log.csv, or a glob pattern of either), in
+    order, without duplicates."""
     paths = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern))
+        matches = [os.path.dirname(m) or "." if os.path.basename(m) == "log.csv" else m
+                   for m in sorted(glob.glob(pattern))]
         if not matches:
             note(f"skipping {pattern}: no such directory")
         paths += [m for m in matches if m not in paths]
@@ -234,7 +236,8 @@ def write_plot(runs: list[Run], out: str, ylim: tuple[float, float] | None) -> b
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="Tabulate and plot train.py runs (log.csv + config.json).")
-    parser.add_argument("runs", nargs="+", help="run directories or glob patterns such as 'out/lr_*'")
+    parser.add_argument("runs", nargs="+", help="run directories or their log.csv files, or glob patterns "
+                                                "such as 'out/lr_*'")
     parser.add_argument("--out", help="image file (default: plot.png in the directory holding the first run)")
     parser.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"), help="loss axis range (default: auto)")
     parser.add_argument("--table", choices=("text", "md"), default="text", help="table format (md: Markdown)")

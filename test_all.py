@@ -1930,6 +1930,9 @@ def test_plot_table_and_png():
         code, out, err = _plot_main([os.path.join(tmp, "lr_*"), f"--out={png}", "--table=md"])
         assert code == 0, err
         _plot_check_three(_plot_md_table(out))
+        logs = [os.path.join(tmp, "lr_*", "log.csv"), os.path.join(tmp, "lr_a")]  # a log.csv names its run, once
+        code, out_logs, err = _plot_main([*logs, f"--out={png}", "--table=md"])
+        assert code == 0 and out_logs == out, err
         if _plot_matplotlib_importable():
             with open(png, "rb") as f:
                 assert f.read(8) == b"\x89PNG\r\n\x1a\n"
