@@ -20,6 +20,7 @@ import gzip
 import heapq
 import io
 import json
+import math
 import multiprocessing
 import operator
 import os
@@ -482,12 +483,40 @@ class Tokenizer:
         """Ids of one pre-token: merge the lowest-ranked adjacent pair (every occurrence, as in training)
         until no adjacent pair is a merge. With merges [(t,h), (th,e)]: t h e -> th e -> the."""
         parts = word.encode("utf-8").decode("latin-1").translate(self._byte_chars)
+        if len(parts) > 32:  # each round below costs O(length): a long pre-token would cost O(length^2)
+            return tuple(map(self._char_ids.__getitem__, self._merge_long(parts)))
         while len(parts) > 1:
             rank, pair, merged = min(map(self._merge_of.get, map(operator.add, parts, parts[1:]), repeat(_NO_MERGE)))
             if pair is None:
                 break
             parts = parts.replace(pair, merged)
         return tuple(map(self._char_ids.__getitem__, parts))  # the ints of self.ids, not a new int per token
+
+    def _merge_long(self, parts: str) -> str:
+        """The rounds of _encode_word in O(n log n): a linked list of the parts and a heap of (rank, position)
+        of their adjacent pairs. A round merges its rank at each position left to right; the pairs it makes
+        wait for the next round, as they do in _encode_word."""
+        tokens = [*parts, ""]  # "" marks a position merged away, and the end
+        after, before = list(range(1, len(tokens) + 1)), list(range(-1, len(tokens) - 1))  # live neighbours
+
+        def rank_at(i: int) -> float:  # of the pair that starts at position i
+            return self._merge_of.get(tokens[i] + tokens[after[i]], _NO_MERGE)[0]
+
+        heap = [(rank_at(i), i) for i in range(len(parts) - 1)]
+        heapq.heapify(heap)
+        while heap and heap[0][0] < math.inf:
+            rank, changed = heap[0][0], []
+            while heap and heap[0][0] == rank:
+                i = heapq.heappop(heap)[1]
+                if tokens[i] and rank_at(i) == rank:  # not merged away, and its pair unchanged since pushed
+                    j = after[i]
+                    tokens[i], tokens[j] = self._merge_of[tokens[i] + tokens[j]][2], ""
+                    after[i], before[after[j]] = after[j], i
+                    changed += [before[i], i]  # the pairs that start there are new
+            for i in changed:
+                if i >= 0 and tokens[i]:
+                    heapq.heappush(heap, (rank_at(i), i))
+        return "".join(tokens)
 
     def _encode_segment(self, segment: str) -> tuple[int, ...]:
         """Ids of a segment: most are one pre-token; the others join the cached ids of their pre-tokens. A
