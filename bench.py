@@ -295,7 +295,7 @@ def bench_tokenizer_training(path: str, vocab_size: int) -> dict:
     phases on the whole file: counting (one worker, then a pool over all cores), and the merges."""
     chunks, size = _text_chunks(path)
     t = _best_cpu_seconds({"bare": lambda: _bare_regex_pass(chunks),
-                           "count": lambda: [bpe._count_chunk(c, (bpe.EOT,)) for c in chunks]})
+                           "count": lambda: [bpe._count_chunk(c, (bpe.EOT,), collections.Counter()) for c in chunks]})
     t0 = time.perf_counter()
     bpe.count_pretokens(path, (bpe.EOT,), num_workers=1)
     one_worker, t0 = time.perf_counter() - t0, time.perf_counter()

@@ -254,15 +254,13 @@ def atomic_write(path: str, mode: str = "w"):
 
 # ----------------------------------------------------------------------------------------------- training
 
-def _count_chunk(text: str, special_tokens: tuple[str, ...], counts: collections.Counter | None = None
-                 ) -> collections.Counter:
-    """Add the pre-token counts of one chunk to counts (a new Counter if None); special tokens are cut out
-    and never counted.
+def _count_chunk(text: str, special_tokens: tuple[str, ...], counts: collections.Counter) -> collections.Counter:
+    """Add the pre-token counts of one chunk to counts; special tokens are cut out and never counted.
 
-    >>> _count_chunk("the cat<|endoftext|>the", ("<|endoftext|>",))
+    >>> _count_chunk("the cat<|endoftext|>the", ("<|endoftext|>",), collections.Counter())
     Counter({'the': 2, ' cat': 1})
     """
-    specials, counts = _Specials(special_tokens), collections.Counter() if counts is None else counts
+    specials = _Specials(special_tokens)
     for piece in specials.pieces(text):
         for plain in specials.split(piece)[::2]:
             counts.update(PAT.findall(plain))  # findall + Counter: both loops run in C
@@ -272,21 +270,17 @@ def _count_chunk(text: str, special_tokens: tuple[str, ...], counts: collections
 _worker_counts: collections.Counter | None = None  # a counting worker's table (see count_pretokens)
 
 
-def _new_table() -> None:
+def _fresh_table() -> collections.Counter | None:
+    """Give this worker an empty table; return the one it had (None at the start)."""
     global _worker_counts
-    _worker_counts = collections.Counter()
+    table, _worker_counts = _worker_counts, collections.Counter()
+    return table
 
 
 def _count_into_table(text: str, special_tokens: tuple[str, ...], table_size: int) -> collections.Counter | None:
     """Count a chunk into this worker's table; once the table holds table_size pre-tokens, hand it over."""
     _count_chunk(text, special_tokens, _worker_counts)
-    return _hand_over_table() if len(_worker_counts) >= table_size else None
-
-
-def _hand_over_table() -> collections.Counter:
-    table = _worker_counts
-    _new_table()
-    return table
+    return _fresh_table() if len(_worker_counts) >= table_size else None
 
 
 def count_pretokens(input_path: str, special_tokens: Iterable[str], num_workers: int | None = None,
@@ -299,7 +293,7 @@ def count_pretokens(input_path: str, special_tokens: Iterable[str], num_workers:
     count = functools.partial(_count_into_table, special_tokens=special_tokens, table_size=table_size)
     with _Progress(f"counting pre-tokens in {input_path}", os.path.getsize(input_path)) as progress:
         chunks = _read_chunks(input_path, _Specials(special_tokens), chunk_chars, progress)
-        tables = filter(None, _parallel_map(count, chunks, num_workers, _new_table, finish=_hand_over_table))
+        tables = filter(None, _parallel_map(count, chunks, num_workers, _fresh_table, finish=_fresh_table))
         total = next(tables, collections.Counter())  # the first table becomes the total, without a copy
         for table in tables:
             total.update(table)

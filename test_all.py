@@ -346,10 +346,10 @@ def test_bpe_trainer_agrees_with_naive():
         assert counts == collections.Counter(pretokens)
         for workers in (1, 3):  # workers hand their tables over every ~50 distinct pre-tokens, and at the end
             assert bpe.count_pretokens(path, [_BPE_EOT], workers, chunk_chars=500, table_size=50) == counts
-        bpe._new_table()  # what bounds a worker's memory: its table goes to the main process once it is full
+        bpe._fresh_table()  # what bounds a worker's memory: its table goes to the main process once it is full
         assert bpe._count_into_table("a b c", (), table_size=5) is None
         assert bpe._count_into_table("a d e", (), table_size=5) == collections.Counter(["a", " b", " c", "a", " d", " e"])
-        assert bpe._hand_over_table() == collections.Counter()
+        assert bpe._fresh_table() == collections.Counter()
         naive_vocab, naive_merges = _bpe_naive_train(pretokens, 600, [_BPE_EOT])
         assert len(naive_merges) == 600 - 257
         for workers, source in [(1, path), (2, gz_path)]:
