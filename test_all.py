@@ -10,6 +10,7 @@ import builtins
 import collections
 import contextlib
 import csv
+import doctest
 import errno
 import gzip
 import importlib
@@ -476,6 +477,12 @@ def test_bpe_bad_inputs():
         ok = _bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--num_workers=1")
         assert ok.returncode == 0 and "longest tokens" in ok.stdout, ok.stderr
         assert bpe.load_tokenizer(out_dir).decode(bpe.load_tokenizer(out_dir).encode("some text")) == "some text"
+
+
+def test_bpe_docstring_examples():
+    """The >>> examples in bpe.py's docstrings are true."""
+    result = doctest.testmod(bpe)
+    assert result.attempted >= 6 and result.failed == 0, result
 
 
 # ----------------------------------------------------------------------------------------------------
