@@ -340,7 +340,8 @@ def bench_tokenizer(cfg: dict) -> dict:
         for spec in filter(None, cfg["tok_train"].split(",")):
             path, _, vocab = spec.rpartition(":")
             if not path or not vocab.isdigit():
-                raise ValueError(f"tok_train: {spec!r} should be FILE:VOCAB_SIZE, e.g. data/shakespeare_train.txt.gz:10000")
+                raise ValueError(f"tok_train: {spec!r} should be FILE:VOCAB_SIZE, "
+                                 "e.g. data/shakespeare_train.txt.gz:10000")
             run = bench_tokenizer_training(path, int(vocab))
             print("tokenizer training: " + " | ".join(f"{k} {v}" for k, v in run.items()))
             results["training"].append(run)

@@ -48,7 +48,7 @@ _WS_CUT = regex.compile(r"(?r)\S(?=\s)")  # searched in reverse: the last non-sp
 _WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 SEGMENT = re.compile(f"[{_WS}]*[^{_WS}]+|[{_WS}]+")
 Pair = tuple[bytes, bytes]
-_NO_MERGE = (float("inf"), None, None)  # what Tokenizer._encode_word sees for a pair that is not a merge
+_NO_MERGE = (math.inf, None, None)  # what Tokenizer._encode_word sees for a pair that is not a merge
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -204,7 +204,7 @@ def _parallel_map(fn: Callable, items: Iterable, num_workers: int | None, init=N
         if finish:
             yield finish()
         return
-    barrier = multiprocessing.Barrier(num_workers)
+    barrier = multiprocessing.Barrier(num_workers) if finish else None  # see _finish_worker
     with multiprocessing.Pool(num_workers, _init_worker, (init, init_args, barrier)) as pool:
         pending = collections.deque()
         for item in items:
