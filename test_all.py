@@ -51,6 +51,10 @@ from optim import AdamW, clip_grad_norm, cosine_lr
 from sample import generate, top_p_filter
 
 
+class Skipped(Exception):
+    """Raised by a test that cannot run here (an optional extra is absent); the runner counts it as skipped."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer (bpe.py)
 # ----------------------------------------------------------------------------------------------------
@@ -2048,13 +2052,12 @@ def _kernels_check(name: str, got: torch.Tensor, want: torch.Tensor, atol: float
     print(f"  {name} OK maxdiff={diff.max().item():.1e}")
 
 
-def _kernels_triton_ready() -> bool:
-    """True when the Triton kernels will run; otherwise print why the test is skipped."""
+def _kernels_need_triton() -> None:
+    """Skip the calling test (reported as skipped, not passed) unless the Triton kernels will run here."""
     if not kernels.HAS_TRITON:
-        print("  skipped: Triton is not importable here (CPU build of torch); the kernels run only where it is")
-    elif not kernels.available():
-        print("  skipped: Triton is importable but TRITON_INTERPRET=1 was not set before kernels was imported")
-    return kernels.available()
+        raise Skipped("Triton is not importable here (CPU build of torch); the kernels run only where it is")
+    if not kernels.available():
+        raise Skipped("Triton is importable but TRITON_INTERPRET=1 was not set before kernels was imported")
 
 
 def _kernels_rope(seq: int, d: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -2198,8 +2201,7 @@ def test_kernels_adamw_step_matches_written_out():
 
 
 def test_kernels_triton_rmsnorm():
-    if not _kernels_triton_ready():
-        return
+    _kernels_need_triton()
     torch.manual_seed(4)
     for shape, dtype, tol in [((3, 5, 40), torch.float32, 1e-5), ((6, 24), torch.float16, 2e-2)]:
         x, weight = torch.randn(shape).to(dtype), torch.rand(shape[-1]) + 0.5
@@ -2218,8 +2220,7 @@ def test_kernels_triton_rmsnorm():
 
 
 def test_kernels_triton_swiglu_and_silu():
-    if not _kernels_triton_ready():
-        return
+    _kernels_need_triton()
     torch.manual_seed(5)
     a, b = torch.randn(3, 700) * 3, torch.randn(3, 700)  # 2100 elements: three programs, the last one masked
     upstream = torch.randn(3, 700, dtype=torch.float64)
@@ -2242,8 +2243,7 @@ def test_kernels_triton_swiglu_and_silu():
 
 def test_kernels_triton_attention():
     """Causal and not, RoPE and not, GQA, MQA, seq and d_head not powers of two, q as a strided view, fp16."""
-    if not _kernels_triton_ready():
-        return
+    _kernels_need_triton()
     torch.manual_seed(6)
     cases = [  # batch, heads, kv_heads, seq, d_head, causal, rope, dtype
         (2, 4, 2, 37, 24, True, True, torch.float32),
@@ -2388,10 +2388,11 @@ def test_from_scratch_rule_and_size_budget():
 # ----------------------------------------------------------------------------------------------------
 
 def main() -> int:
-    """Run every test_* function (or those whose name contains argv[1]); print failures with tracebacks."""
+    """Run every test_* function (or those whose name contains argv[1]); print failures with tracebacks. A test that
+    raises Skipped (an optional extra is absent) is reported as skipped, never as passed."""
     selected = sys.argv[1] if len(sys.argv) > 1 else ""
     tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn) and selected in name]
-    passed = failed = 0
+    passed = failed = skipped = 0
     t_start = time.perf_counter()
     for name, fn in tests:
         t0 = time.perf_counter()
@@ -2399,12 +2400,15 @@ def main() -> int:
             fn()
             passed += 1
             print(f"ok    {name} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        except Skipped as why:
+            skipped += 1
+            print(f"skip  {name}: {why}", flush=True)
         except Exception:
             failed += 1
             print(f"FAIL  {name} ({time.perf_counter() - t0:.1f}s)", flush=True)
             traceback.print_exc()
     print(f"total {time.perf_counter() - t_start:.1f}s")
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 
 
