@@ -71,6 +71,8 @@ def _parse(text: str, default):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+    if default == "auto" and isinstance(value, bool):  # a tri-state key: 'auto', True or False
+        return value
     return text if isinstance(default, str) and not isinstance(value, str) else value  # --out_dir=2024 is a name
 
 
@@ -80,6 +82,8 @@ def typed(key: str, value, default):
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         ok = isinstance(value, bool)
+    elif default == "auto" and isinstance(value, bool):  # e.g. compile: 'auto', True or False (the script checks)
+        return value
     elif isinstance(default, (int, float)):
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if is_number and isinstance(default, float):
@@ -125,3 +129,15 @@ def _help(defaults: dict) -> str:
 def _echo(message: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
         print(message)
+
+
+def run_cli(main) -> None:  # TEMPORARY stand-in until the robustness branch lands
+    try:
+        code = main(sys.argv[1:])
+    except (ValueError, OSError, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

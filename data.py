@@ -30,23 +30,55 @@ def get_batch(x: np.ndarray | torch.Tensor, batch_size: int, context_length: int
         raise ValueError(f"data has {len(x)} tokens, fewer than context_length + 1 = {context_length + 1}; "
                          "use more text or a smaller context_length")
     starts = torch.randint(len(x) - context_length, (batch_size,), generator=generator)  # on the CPU: one stream
-    if isinstance(x, torch.Tensor):  # gather on the device itself: no host work, no copy per step
-        windows = x[starts.to(x.device)[:, None] + torch.arange(context_length + 1, device=x.device)].long()
-        return windows[:, :-1], windows[:, 1:]
+    return windows(x, starts, context_length, device)
+
+
+def windows(x: np.ndarray | torch.Tensor, starts: torch.Tensor, context_length: int,
+            device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x[s : s + context_length] and targets x[s + 1 : s + context_length + 1] for each start s (a CPU int64
+    tensor (batch,)): two int64 (batch, context_length) tensors on device. No host sync on CUDA: the starts (or
+    the windows, for a host array) are copied from pinned memory, asynchronously."""
+    cuda = torch.device(device).type == "cuda"
+    if isinstance(x, torch.Tensor):  # gather on the device itself
+        starts = starts.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else starts.to(x.device)
+        rows = x[starts[:, None] + torch.arange(context_length + 1, device=x.device)].long()  # (batch, context + 1)
+        return rows[:, :-1], rows[:, 1:]
     starts = starts.numpy()
-    windows = x[starts[:, None] + np.arange(context_length + 1)].astype(np.int64)  # (batch, context + 1)
-    inputs, targets = torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
-    if torch.device(device).type == "cuda":  # pinned host memory lets the copy overlap with compute
+    rows = x[starts[:, None] + np.arange(context_length + 1)].astype(np.int64)  # (batch, context + 1)
+    inputs, targets = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+    if cuda:  # pinned host memory lets the copy overlap with compute
         return inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True)
     return inputs.to(device), targets.to(device)
 
 
-def tokens_to_device(tokens: np.ndarray, device: torch.device, max_fraction: float = 0.25) -> np.ndarray | torch.Tensor:
+def eval_starts(num_tokens: int, context_length: int, eval_tokens: int) -> np.ndarray:
+    """Starts of the validation windows: non-overlapping context_length windows spread evenly over the whole file,
+    eval_tokens // context_length of them (0 or more than the file holds = all). They depend on the file alone, not
+    on batch size, seed or world size, so every run and resume is measured on the same tokens.
+    Example: 10 tokens, context 3 -> 3 whole windows (each needs one more token for its last target) at 0, 3, 6;
+    eval_tokens=6 keeps 2 of them, spread out: starts 0 and 3."""
+    available = (num_tokens - 1) // context_length
+    wanted = eval_tokens // context_length if eval_tokens else available
+    n = min(wanted, available)
+    return np.arange(n, dtype=np.int64) * available // max(n, 1) * context_length
+
+
+def tokens_to_device(tokens: np.ndarray, device: torch.device,
+                     max_fraction: float = 0.25) -> np.ndarray | torch.Tensor:
     """The whole token array as int32 on a CUDA device when it takes at most max_fraction of the free memory (batches
-    are then gathered there, see get_batch); otherwise, or off CUDA, the array itself (read through the memmap)."""
+    are then gathered there, see get_batch); otherwise, or off CUDA, the array itself (read through the memmap).
+    It is copied in chunks (see upload), so the host never holds an int32 copy of the whole file."""
     if device.type != "cuda" or 4 * len(tokens) > max_fraction * torch.cuda.mem_get_info(device)[0]:
         return tokens
-    return torch.from_numpy(np.asarray(tokens, dtype=np.int32)).to(device)
+    return upload(tokens, device)
+
+
+def upload(tokens: np.ndarray, device: torch.device, chunk: int = 1 << 26) -> torch.Tensor:
+    """tokens (uint16, e.g. a memmap) as an int32 tensor on device, converted chunk tokens at a time."""
+    out = torch.empty(len(tokens), dtype=torch.int32, device=device)
+    for i in range(0, len(tokens), chunk):
+        out[i:i + chunk] = torch.from_numpy(np.asarray(tokens[i:i + chunk], dtype=np.int32)).to(device)
+    return out
 
 
 def load_tokens(path: str, vocab_size: int) -> np.memmap:

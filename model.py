@@ -486,3 +486,7 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def format_preflight(report: dict) -> str:  # TEMPORARY stand-in until the kernels branch lands
+    return "kernels: " + ", ".join(f"{op} {'on' if r is None else 'off'}" for op, r in report.items())

@@ -887,7 +887,7 @@ def test_activation_memory_estimate_matches_tensors_saved_for_backward():
 # ----------------------------------------------------------------------------------------------------
 
 _PIPELINE_TINY = dict(vocab_size=64, context_length=16, d_model=16, num_layers=1, num_heads=2, d_ff=32, batch_size=4,
-                      lr=3e-3, min_lr=3e-4, warmup_iters=2, cosine_iters=12, eval_iters=2, eval_interval=4,
+                      lr=3e-3, min_lr=3e-4, warmup_iters=2, cosine_iters=12, eval_tokens=128, eval_interval=4,
                       log_interval=1, device="cpu", dtype="float32", seed=7)
 
 
@@ -1100,7 +1100,8 @@ def test_configure_files_and_overrides():
                                                "--max_iters=1e3", "--device=cpu", "--d_ff=96"])
     assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float) and cfg["min_lr"] == 0.1
     assert cfg["num_layers"] == 2 and cfg["batch_size"] == 8 and cfg["betas"] == (0.8, 0.9)
-    assert cfg["compile"] is True and cfg["target_val_loss"] == 1.5 and cfg["out_dir"] == "2024"
+    assert cfg["target_val_loss"] == 1.5 and cfg["out_dir"] == "2024"
+    assert train.check_config(cfg)["compile"] is True  # a tri-state key ('auto', True, False) reads true/false too
     assert cfg["max_iters"] == 1000 and isinstance(cfg["max_iters"], int)
     assert cfg["device"] == "cpu" and cfg["d_ff"] == 96
     assert set(cfg) == set(train.DEFAULTS)
@@ -1120,9 +1121,9 @@ def test_configure_errors_name_the_key():
 
     assert "'lrr'" in message(["--lrr=1"]) and "'lr'" in message(["--lrr=1"])
     assert "batch_size" in message(["--batch_size=abc"]) and "int" in message(["--batch_size=abc"])
-    assert "compile" in message(["--compile=1"])  # ints are not booleans
+    assert "compile" in message(compile=1) and "compile" in message(compile="1")  # ints are not booleans
     assert "max_iters" in message(["--max_iters=2.5"])
-    assert "batch_size" in message(batch_size=0) and "dtype" in message(dtype="float16")
+    assert "batch_size" in message(batch_size=0) and "dtype" in message(dtype="float8")
     assert "betas" in message(betas=(0.9, 1.0)) and "diverge_factor" in message(diverge_factor=0.5)
     with tempfile.TemporaryDirectory() as root:
         path = os.path.join(root, "c.py")
@@ -1355,7 +1356,7 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_concatenated_batch():
 # ----------------------------------------------------------------------------------------------------
 
 _FAULTS_TINY = dict(vocab_size=64, context_length=16, d_model=16, num_layers=1, num_heads=2, d_ff=32, batch_size=4,
-                    lr=3e-3, min_lr=3e-4, warmup_iters=2, cosine_iters=40, eval_iters=2, eval_interval=4,
+                    lr=3e-3, min_lr=3e-4, warmup_iters=2, cosine_iters=40, eval_tokens=128, eval_interval=4,
                     log_interval=1, device="cpu", dtype="float32", seed=7)
 _FAULTS_TIMED = ("elapsed_s", "tokens_per_s", "mfu")  # log.csv columns that measure time, so differ between runs
 
@@ -1840,7 +1841,7 @@ def test_faults_owt_configs_train_on_a_small_slice():
         shrink = {"train_data": f"{root}/owt_train.txt", "val_data": f"{root}/owt_valid.txt",
                   "tokenizer_dir": f"{root}/tok", "vocab_size": 300, "d_model": 32, "num_layers": 2, "num_heads": 4,
                   "d_ff": 64, "context_length": 32, "batch_size": 4, "max_iters": 3, "warmup_iters": 1,
-                  "cosine_iters": 3, "eval_interval": 3, "eval_iters": 1, "device": "cpu", "compile": False}
+                  "cosine_iters": 3, "eval_interval": 3, "eval_tokens": 0, "device": "cpu", "compile": False}
         full = {}
         for name in ("owt", "owt_leaderboard"):
             path = os.path.join(repo, "config", name + ".py")
@@ -1855,7 +1856,7 @@ def test_faults_owt_configs_train_on_a_small_slice():
             assert full[name]["vocab_size"] == 32000 and full[name]["train_data"] == "data/owt_train.txt"
         board = full["owt_leaderboard"]
         assert board["context_length"] == 512 and board["tie_embeddings"] and board["qk_norm"] and board["z_loss"] > 0
-        assert board["cosine_iters"] == board["max_iters"] and board["dtype"] == "auto" and board["compile"]
+        assert board["cosine_iters"] is None and board["dtype"] == "auto" and board["compile"] == "auto"  # None: max_iters
         acc = accounting(board, board["batch_size"])
         tokens = board["batch_size"] * board["context_length"] * board["max_iters"]
         assert 100e6 < acc["params"]["total"] < 130e6 and 1.5e9 < tokens < 2.5e9, (acc["params"]["total"], tokens)
@@ -2304,7 +2305,7 @@ def test_kernels_train_key_runs_the_fused_ops_with_the_same_losses():
         for use in (True, False):
             cfg = dict(train.DEFAULTS, train_data=os.path.join(root, "train.bin"), val_data=os.path.join(root, "val.bin"),
                        tokenizer_dir=root, out_dir=os.path.join(root, f"out_{use}"), vocab_size=40, context_length=12,
-                       d_model=16, num_layers=1, num_heads=2, batch_size=2, max_iters=3, eval_interval=3, eval_iters=1,
+                       d_model=16, num_layers=1, num_heads=2, batch_size=2, max_iters=3, eval_interval=3, eval_tokens=48,
                        warmup_iters=1, cosine_iters=3, device="cpu", dtype="float32", kernels=use)
             with contextlib.redirect_stdout(io.StringIO()) as out:
                 results.append(train.main(cfg))

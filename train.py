@@ -3,34 +3,38 @@
     python train.py config/demo.py                          # CPU, no download: about two minutes
     python train.py config/tinystories.py --lr=3e-3         # one CUDA GPU; any key can be overridden
     python train.py config/tinystories.py --resume=True     # continue out_dir/ckpt.pt exactly where it stopped
+    python train.py config/demo_finetune.py                 # fine-tune: start from a checkpoint's weights (init_from)
     torchrun --standalone --nproc_per_node=8 train.py config/owt.py    # data parallel on 8 GPUs
     python train.py --help                                  # every key, its default and what it does
 
 Config files are Python run with the defaults below in scope (they can run any code: use only your own);
 inside one, include('tinystories.py') first runs another file from the same folder.
-Writes out_dir/ckpt.pt (at every eval and at the end), out_dir/log.csv, out_dir/config.json and out_dir/run.json.
+Writes out_dir/ckpt.pt (at every eval and at the end), out_dir/log.csv, out_dir/config.json and out_dir/run.json,
+and nothing there before every input (config, data, tokenizer, checkpoint, first step) has been checked.
 """
 import contextlib
 import csv
+import dataclasses
+import datetime
 import json
 import math
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
-from typing import BinaryIO
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import bpe
 import data
 from bpe import atomic_write, hms
-from configurator import check_known, configure, typed
-from kernels import available as triton_available
-from model import MODEL_KEYS, TransformerLM
+from checkpoint import checkpoint_tokenizer, load_checkpoint, read_checkpoint, save_checkpoint
+from configurator import check_known, configure, run_cli, typed
+from model import KERNEL_OPS, MODEL_KEYS, TransformerLM, format_preflight, model_config
 from optim import AdamW, clip_grad_norm, cosine_lr
 
 _names_before_config = set(globals())
@@ -42,12 +46,13 @@ val_data = "data/TinyStoriesV2-GPT4-valid.txt"  # the same for validation
 tokenizer_dir = "data/ts10k"  # vocab.json + merges.txt (trained from train_data when missing) and cached .bin files
 vocab_size = 10000  # tokenizer and embedding size
 special_tokens = ("<|endoftext|>",)  # strings the tokenizer keeps whole; the first separates documents
+init_from = ""  # start from these weights with a fresh optimizer and schedule: '' | PATH/ckpt.pt | hf:DIR (Llama/Qwen3)
 # --- model (model.py) ---
 context_length = 256  # tokens per training sequence
 d_model = 512  # width of the residual stream
 num_layers = 4  # Transformer blocks
 num_heads = 16  # attention heads; must divide d_model
-d_ff = None  # FFN hidden size; None = 8/3 d_model rounded up to 64 (swiglu) or 4 d_model (silu)
+d_ff = None  # FFN hidden size; None = the multiple of 64 nearest 8/3 d_model (swiglu) or 4 d_model (silu)
 rope_theta = 10000.0  # RoPE base period
 norm = "pre"  # RMSNorm placement: 'pre' | 'post' | 'none'
 pos = "rope"  # position information: 'rope' | 'none' (NoPE)
@@ -60,121 +65,152 @@ block = "serial"  # 'serial' | 'parallel' (attention and FFN read the same input
 # --- loss, optimizer, schedule ---
 z_loss = 0.0  # weight of mean(logsumexp(logits)^2) in the loss; train_loss in the CSV stays plain cross-entropy
 lr = 2e-3  # peak learning rate
-min_lr = 2e-4  # learning rate after the cosine decay
+min_lr = None  # learning rate at the end of the cosine decay; None = lr x min_lr_ratio
+min_lr_ratio = 0.1  # min_lr as a fraction of lr, when min_lr is None
 warmup_iters = 150  # steps of linear warm-up from 0 to lr
-cosine_iters = 10000  # step at which the cosine decay reaches min_lr (usually max_iters)
+cosine_iters = None  # step at which the cosine decay reaches min_lr; None = max_iters
 betas = (0.9, 0.95)  # AdamW decay rates of the first and second moments
 eps = 1e-8  # AdamW denominator epsilon
 weight_decay = 0.1  # decoupled weight decay on matrices (norm gains are not decayed)
 grad_clip = 1.0  # clip the global gradient L2 norm to this; 0 = off
-batch_size = 128  # sequences per step on each process
+batch_size = 128  # sequences per micro-batch on each process
+grad_accum_steps = 1  # micro-batches per optimizer step: tokens/step = batch_size x context_length x this x ranks
 max_iters = 10000  # optimizer steps
 # --- evaluation, logging, stopping ---
 eval_interval = 500  # steps between validations (each also saves ckpt.pt)
-eval_iters = 50  # validation batches, drawn from a fixed seed: the same every run and resume
-log_interval = 10  # steps between console lines and CSV rows
+eval_tokens = 2**21  # validation tokens: fixed non-overlapping windows spread over val_data; 0 = the whole file
+log_interval = 10  # steps between console lines and CSV rows (the step's statistics are read from the GPU there)
 target_val_loss = None  # stop once the validation loss is at or below this; None = off
 diverge_factor = 3.0  # stop when, after warm-up, loss > this x min(first loss, loss at end of warm-up); 0 = off
 # --- system ---
 device = "auto"  # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
-dtype = "auto"  # 'auto' (bfloat16 on a CUDA GPU that supports it, else float32) | 'float32' | 'bfloat16' (autocast)
-compile = False  # torch.compile the training forward/backward (slow first steps, faster after on CUDA)
-kernels = False  # fused Triton kernels of kernels.py for norms, FFN, attention and loss (CUDA; bench.py checks them)
+dtype = "auto"  # 'auto' (CUDA: bfloat16 if supported, else float16; else float32) | 'float32' | 'bfloat16' | 'float16'
+compile = "auto"  # torch.compile the loss: 'auto' = on CUDA, eager if compiling fails | True | False
+kernels = "auto"  # kernels.py's fused ops: 'auto' = on CUDA, each op checked against its reference first | True | False
 seed = 1337  # model initialisation and training data stream
 resume = False  # continue from out_dir/ckpt.pt (same out_dir, same model flags)
 DEFAULTS = {k: v for k, v in globals().items() if k not in _names_before_config and not k.startswith("_")}
 
-CSV_COLUMNS = ("step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "val_ppl", "grad_norm", "tokens_per_s",
-               "mfu", "z_loss", "status")
-VAL_SEED = 20250  # validation batches come from this seed, independent of `seed`: runs are compared on equal data
+CSV_COLUMNS = ("step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "val_ppl", "val_bpb", "grad_norm",
+               "tokens_per_s", "mfu", "z_loss", "skipped", "status")
 EMA_BETA = 0.9  # smoothing of the logged training loss (debiased, as in nanochat)
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-              "RTX 4090": 165e12, "RTX 3090": 71e12}  # dense bf16 FLOP/s by GPU name (first match); TF32 counts half
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12, "V100": 125e12}  # dense 16-bit FLOP/s by GPU name
+RUN_STATE = ("config", "loop", "rng")  # what --resume needs beyond the bare save_checkpoint fields
 
 
 def check_config(cfg: dict) -> dict:
-    """Complete cfg from DEFAULTS and check types and the values this script needs (model.py checks the model's)."""
+    """Complete cfg from DEFAULTS, check types and the values this script needs (model.py checks the model's), and
+    resolve the derived values: min_lr (None = lr x min_lr_ratio), cosine_iters (None = max_iters)."""
     for key in cfg:
         check_known(key, DEFAULTS)
     cfg = {k: typed(k, cfg.get(k, v), v) for k, v in DEFAULTS.items()}
-    checks = {k: (cfg[k] > 0, "> 0") for k in ("batch_size", "eval_interval", "eval_iters", "log_interval", "eps")}
-    checks |= {k: (cfg[k] >= 0, ">= 0") for k in ("max_iters", "warmup_iters", "cosine_iters", "lr", "weight_decay",
-                                                  "grad_clip", "z_loss", "seed")}
-    checks |= {"min_lr": (0 <= cfg["min_lr"] <= cfg["lr"], "a value between 0 and lr"),
+    for key in ("compile", "kernels"):  # 'auto', True or False (also spelt true/false on a command line)
+        cfg[key] = {"true": True, "false": False}.get(str(cfg[key]).lower(), cfg[key])
+    if cfg["min_lr"] is None:
+        cfg["min_lr"] = cfg["lr"] * cfg["min_lr_ratio"]
+    if cfg["cosine_iters"] is None:
+        cfg["cosine_iters"] = cfg["max_iters"]
+    number = lambda key: isinstance(cfg[key], (int, float)) and not isinstance(cfg[key], bool)
+    positive = ("batch_size", "grad_accum_steps", "eval_interval", "log_interval", "eps")
+    checks = {k: (cfg[k] > 0, "> 0") for k in positive}
+    checks |= {k: (cfg[k] >= 0, ">= 0") for k in ("max_iters", "warmup_iters", "lr", "weight_decay", "grad_clip",
+                                                  "z_loss", "seed", "eval_tokens")}
+    checks |= {"min_lr": (number("min_lr") and 0 <= cfg["min_lr"] <= cfg["lr"], "a value between 0 and lr, or None "
+                          "(lr x min_lr_ratio)"),
+               "min_lr_ratio": (0 <= cfg["min_lr_ratio"] <= 1, "a fraction in [0, 1]"),
+               "cosine_iters": (isinstance(cfg["cosine_iters"], int) and cfg["cosine_iters"] >= cfg["warmup_iters"],
+                                f"a step at or after warmup_iters={cfg['warmup_iters']} (the decay cannot start "
+                                "before the warm-up ends), or None (max_iters); or lower warmup_iters"),
                "betas": (len(cfg["betas"]) == 2 and all(0 <= b < 1 for b in cfg["betas"]), "two numbers in [0, 1)"),
                "diverge_factor": (cfg["diverge_factor"] == 0 or cfg["diverge_factor"] > 1, "0 (off) or > 1"),
-               "target_val_loss": (not isinstance(cfg["target_val_loss"], str), "a number, or None for off"),
-               "dtype": (cfg["dtype"] in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'")}
+               "target_val_loss": (cfg["target_val_loss"] is None or number("target_val_loss"), "a number, or None"),
+               "eval_tokens": (cfg["eval_tokens"] == 0 or cfg["eval_tokens"] >= cfg["context_length"],
+                               f"0 (the whole file) or at least one window (context_length={cfg['context_length']})"),
+               "compile": (cfg["compile"] in ("auto", True, False), "'auto', True or False"),
+               "kernels": (cfg["kernels"] in ("auto", True, False), "'auto', True or False"),
+               "vocab_size": (cfg["vocab_size"] <= 65536, "at most 65,536 (token files hold uint16 ids)"),
+               "dtype": (cfg["dtype"] in ("auto", "float32", "bfloat16", "float16"),
+                         "'auto', 'float32', 'bfloat16' or 'float16'"),
+               "init_from": (not (cfg["init_from"] and cfg["resume"]), "'' with resume=True (resume continues "
+                             "out_dir/ckpt.pt; init_from starts a new run from other weights)")}
     for key, (ok, allowed) in checks.items():
         if not ok:
             raise ValueError(f"{key}={cfg[key]!r} is not allowed; use {allowed}")
     return cfg
 
 
-# --- Checkpoints: one file, written atomically, enough to continue the run bit for bit -------------------------------
+# --- Where a run starts: random weights, out_dir/ckpt.pt (resume) or other weights (init_from) ---------------------
 
-def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
-                    out: str | os.PathLike | BinaryIO, **extra) -> None:
-    """Save model, optimizer, iteration, model_config and extra (train.py adds config, tokenizer_dir, rng and loop)
-    to a path or a binary file object. A path is written as path.tmp, synced, then renamed over path, so a crash never
-    leaves a partial ckpt.pt. No data-sampler state is needed: batches are drawn from batch_seed(seed, rank, step).
-    """
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper would prefix every name with _orig_mod.
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-             "model_config": model.config, **extra}
-    if not isinstance(out, (str, os.PathLike)):
-        torch.save(state, out)
-        return
-    tmp = f"{out}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except (OSError, RuntimeError) as e:  # disk full, out_dir unwritable: the previous checkpoint stays intact
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        reason = str(e).strip().splitlines()[0]
-        raise OSError(f"could not write checkpoint {out} ({reason}); the previous checkpoint is unchanged") from None
+def model_flags(cfg: dict, source: dict | None, name: str) -> dict:
+    """The model keys to build: cfg's own, or, starting from other weights, the source's. A key this run set to a
+    value other than the source's is refused, except a shorter context_length (RoPE and the causal mask only
+    need positions the source has seen)."""
+    if source is None:
+        return {k: cfg[k] for k in MODEL_KEYS}
+    flags, conflicts = dict(source), []
+    for key in MODEL_KEYS:
+        if cfg[key] == DEFAULTS[key] or cfg[key] == flags[key]:
+            continue
+        if key == "context_length" and cfg[key] < flags[key]:
+            flags[key] = cfg[key]
+        else:
+            conflicts.append(f"{key} (source {flags[key]!r}, this run {cfg[key]!r})")
+    if conflicts:
+        raise ValueError(f"init_from={name}: the model flags come from the weights; {', '.join(conflicts)} differ: "
+                         "drop them from the config or use the source's values")
+    return flags
 
 
-def read_checkpoint(src: str | os.PathLike | BinaryIO) -> dict:
-    """torch.load (weights only: nothing in the file is executed) with one clear error for a damaged file."""
-    name = src if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "checkpoint file")
-    if isinstance(src, (str, os.PathLike)) and not os.path.isfile(src):
-        raise FileNotFoundError(f"no checkpoint at {src}; train first or fix out_dir")
-    try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip, pickle and I/O errors all mean the same here: the file is damaged
-        raise ValueError(f"{name} is not a readable checkpoint ({type(e).__name__}): truncated or corrupt; "
-                         "delete it to start over or restore a copy") from None
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "iteration", "model_config"} <= ckpt.keys():
-        raise ValueError(f"{name} is not a train.py checkpoint (it lacks model, optimizer, iteration or model_config)")
-    return ckpt
+def read_source(cfg: dict) -> tuple[dict | None, str]:
+    """The weights and flags to start from: {model_config, state_dict, tokenizer or None, iteration}, and a name for
+    messages; (None, '') for a random start or a resume."""
+    path = cfg["init_from"]
+    if not path:
+        return None, ""
+    if path.startswith("hf:"):
+        import hf  # only fine-tuning an imported model needs it
+        return {**hf.read_pretrained(path[3:]), "iteration": 0}, path
+    ckpt = read_checkpoint(path)
+    if "model_config" not in ckpt:
+        raise ValueError(f"init_from={path} holds no model_config (not a TransformerLM checkpoint of train.py)")
+    return {"model_config": ckpt["model_config"], "state_dict": ckpt["model"], "tokenizer": None,
+            "iteration": int(ckpt.get("iteration", 0)), "tokenizer_dir": checkpoint_tokenizer(ckpt, path)[0]}, path
 
 
-def load_checkpoint(src: str | os.PathLike | BinaryIO | dict, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None) -> int:
-    """Restore model (and optimizer, if given) from a path, a file object or a read_checkpoint dict; return the step."""
-    ckpt = src if isinstance(src, dict) else read_checkpoint(src)
-    try:
-        getattr(model, "_orig_mod", model).load_state_dict(ckpt["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ValueError(f"checkpoint does not fit this model: {str(e).strip().splitlines()[0]}") from None
-    return ckpt["iteration"]
-
-
-def _check_same_flags(ckpt: dict, cfg: dict, model_config: dict) -> None:
-    """Resuming must not change what is being trained: the model flags and the loss (z_loss)."""
-    old = {**ckpt["model_config"], "z_loss": ckpt.get("config", {}).get("z_loss", 0.0)}
-    new = {**model_config, "z_loss": cfg["z_loss"]}
+def check_resume(ckpt: dict, cfg: dict, flags: dict, path: str) -> None:
+    """Resuming must find train.py's run state and must not change what is being trained: model flags and z_loss."""
+    lacking = [k for k in RUN_STATE if k not in ckpt]
+    if lacking:
+        raise ValueError(f"cannot resume {path}: it lacks {', '.join(lacking)} (not written by train.py's loop); "
+                         f"start a new run from its weights with --init_from={path} and --resume=False")
+    old = {**ckpt.get("model_config", {}), "z_loss": ckpt["config"].get("z_loss", 0.0)}
+    new = {**flags, "z_loss": cfg["z_loss"]}
     differ = [f"{k} (checkpoint {old.get(k)!r}, now {v!r})" for k, v in new.items() if old.get(k) != v]
     if differ:
-        raise ValueError(f"cannot resume {cfg['out_dir']}/ckpt.pt with different flags: {', '.join(differ)}; "
+        raise ValueError(f"cannot resume {path} with different flags: {', '.join(differ)}; "
                          "use the checkpoint's values or a new out_dir")
+
+
+def check_tokenizer_source(cfg: dict, source: dict | None, name: str) -> bpe.Tokenizer | None:
+    """Starting from other weights, tokenizer_dir must hold their tokenizer (an imported one is written there when the
+    directory has none: returned for writing once every check has passed)."""
+    if source is None:
+        return None
+    have = os.path.isfile(os.path.join(cfg["tokenizer_dir"], "vocab.json"))
+    if source["tokenizer"] is None:  # a train.py checkpoint: its tokenizer directory is recorded
+        if not have:
+            where = source["tokenizer_dir"] or "not found"
+            raise ValueError(f"init_from={name}: tokenizer_dir={cfg['tokenizer_dir']!r} holds no tokenizer; set it "
+                             f"to the one these weights were trained with ({where})")
+        return None
+    if not have:
+        return source["tokenizer"]
+    mine = bpe.load_tokenizer(cfg["tokenizer_dir"], cfg["special_tokens"])
+    if (mine.vocab, mine.merges) != (source["tokenizer"].vocab, source["tokenizer"].merges):
+        raise ValueError(f"init_from={name}: tokenizer_dir={cfg['tokenizer_dir']!r} holds another tokenizer; "
+                         "point it at a new directory (the imported tokenizer is written there)")
+    return None
 
 
 # --- System: device, precision, data parallelism, logging ------------------------------------------------------------
@@ -196,11 +232,16 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 def pick_dtype(name: str, dev: torch.device) -> tuple[torch.dtype, str]:
-    """Compute dtype and the reason for it. bfloat16 means autocast: weights, grads and AdamW state stay float32."""
+    """Compute dtype and the reason for it. 16-bit means autocast: weights, grads and AdamW state stay float32."""
     if name == "auto":
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        if dev.type != "cuda":
+            return torch.float32, f"auto: no 16-bit autocast default on {dev.type}"
+        if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "auto: this CUDA GPU supports bfloat16"
-        return torch.float32, f"auto: no bfloat16 autocast default on {dev.type}"
+        return torch.float16, "auto: no bfloat16 on this GPU, float16 with loss scaling"
+    if name == "float16" and dev.type != "cuda":
+        raise ValueError(f"dtype='float16' needs a CUDA GPU (loss-scaled autocast); use 'bfloat16' or 'float32' on "
+                         f"{dev.type}")
     return getattr(torch, name), "set by dtype"
 
 
@@ -211,17 +252,40 @@ def batch_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence((seed, rank, step)).generate_state(1)[0])
 
 
-def setup_distributed(device_name: str) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment, after joining the process group; (0, 0, 1) alone."""
+def setup_distributed(device_name: str) -> tuple[int, int, int, object]:
+    """(rank, local_rank, world_size, preparation group) from torchrun's environment after joining the process group;
+    (0, 0, 1, None) alone. Data preparation (hours for OpenWebText) waits on its own gloo group with a day-long
+    timeout, so the training collectives keep NCCL's default one."""
     if "RANK" not in os.environ:
-        return 0, 0, 1
+        return 0, 0, 1, None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    use_nccl = device_name not in ("cpu", "mps") and torch.cuda.is_available()
-    if use_nccl:
+    if device_name not in ("cpu", "mps") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_nccl else "gloo")
-    return rank, local_rank, world
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group("gloo")
+    return rank, local_rank, world, dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+
+
+def prepare_data(cfg: dict, rank: int, world: int, group) -> list[str]:
+    """Token files for train_data and val_data: rank 0 trains the tokenizer and tokenizes first; the other ranks wait,
+    then find them cached. A failure on rank 0 reaches every rank as the same one-line error."""
+    error = None
+    if rank == 0:
+        try:
+            data.prepare_splits([cfg["train_data"], cfg["val_data"]], cfg["tokenizer_dir"], cfg["vocab_size"],
+                                cfg["special_tokens"])
+        except (ValueError, OSError) as e:
+            error = str(e)
+    if world > 1:
+        message = [error]
+        dist.broadcast_object_list(message, src=0, group=group)
+        error = message[0]
+    if error is not None:
+        raise ValueError(error)
+    return data.prepare_splits([cfg["train_data"], cfg["val_data"]], cfg["tokenizer_dir"], cfg["vocab_size"],
+                               cfg["special_tokens"])
 
 
 def all_reduce_gradients(model: torch.nn.Module, stats: torch.Tensor, world: int) -> torch.Tensor:
@@ -242,7 +306,7 @@ def peak_flops(dev: torch.device, dtype: torch.dtype) -> float:
         return 0.0
     name = torch.cuda.get_device_name(dev)
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
-    return peak if dtype == torch.bfloat16 else peak / 2
+    return peak if dtype in (torch.bfloat16, torch.float16) else peak / 2
 
 
 def git_commit() -> str:
@@ -262,7 +326,7 @@ def start_log(path: str, keep_until: int | None) -> None:
         with open(path, newline="") as f:  # a row cut short by a crash has no status field (None): dropped
             rows = [r for r in csv.DictReader(f) if r.get("status") is not None and int(r["step"]) <= keep_until]
     with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(path + ".tmp", path)
@@ -276,35 +340,24 @@ def write_row(path: str, **row) -> None:
 
 def memory_report(model: TransformerLM, batch_size: int, dtype: torch.dtype, dev: torch.device) -> str:
     """model.py's training-memory estimate beside the peak the allocator actually saw."""
-    est = model.memory_estimate(batch_size, dtype == torch.bfloat16)
+    est = model.memory_estimate(batch_size, dtype != torch.float32)
     parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in est.items() if k != "total")
     used = (f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)"
             if dev.type == "cuda" else f"n/a on {dev.type}")
     return f"memory: estimate {est['total'] / 2**30:.2f} GiB ({parts}) | measured peak {used}"
 
 
-@torch.no_grad()
-def evaluate(model: TransformerLM, tokens, cfg: dict, dev: torch.device, autocast) -> float:
-    """Mean cross-entropy over eval_iters validation batches drawn from VAL_SEED: identical in every run and resume."""
-    generator = torch.Generator().manual_seed(VAL_SEED)
-    losses = []
-    for _ in range(cfg["eval_iters"]):
-        x, y = data.get_batch(tokens, cfg["batch_size"], cfg["context_length"], dev, generator)
-        with autocast:
-            losses.append(model.loss(x, y)[0].float())
-    return torch.stack(losses).mean().item()
-
-
 @contextlib.contextmanager
 def stop_on_signal():
-    """While training, Ctrl-C and SIGTERM only set a flag: the loop finishes its step, saves and exits cleanly."""
+    """While training, Ctrl-C and SIGTERM only set a flag: the loop finishes its step (or evaluation batch), saves
+    and exits cleanly."""
     requested = []
 
     def handler(signum, frame):
         if requested:  # a second Ctrl-C quits at once, without saving
             raise KeyboardInterrupt
         requested.append(signum)
-        print("stopping after this step to save a checkpoint (Ctrl-C again to quit without saving)")
+        print("stopping at the next log line to save a checkpoint (Ctrl-C again to quit without saving)")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -314,13 +367,241 @@ def stop_on_signal():
             signal.signal(s, h)
 
 
+# --- Evaluation: a validation set fixed by the data alone ------------------------------------------------------------
+
+def token_byte_lengths(cfg: dict, dev: torch.device) -> torch.Tensor | None:
+    """(vocab,) UTF-8 bytes of each token (a special token counts its string's bytes), for bits per byte; None when
+    tokenizer_dir holds no tokenizer (data given as .bin)."""
+    if not os.path.isfile(os.path.join(cfg["tokenizer_dir"], "vocab.json")):
+        return None
+    vocab = bpe.load_tokenizer(cfg["tokenizer_dir"], cfg["special_tokens"]).vocab
+    lengths = torch.zeros(cfg["vocab_size"], dtype=torch.int64)
+    for i, token in vocab.items():
+        if i < len(lengths):
+            lengths[i] = len(token)
+    return lengths.to(dev)
+
+
+@torch.no_grad()
+def evaluate(model: TransformerLM, tokens, starts: np.ndarray, token_bytes: torch.Tensor | None, cfg: dict,
+             dev: torch.device, autocast, rank: int, world: int, stop: list) -> tuple[float, float | None, bool]:
+    """(val_loss, val_bpb, interrupted): mean cross-entropy per token and bits per UTF-8 byte of the targets over the
+    fixed windows at starts, split over ranks and summed with one all_reduce. Ctrl-C stops it after a batch."""
+    mine = torch.from_numpy(starts[rank::world])
+    acc = torch.float32 if dev.type == "mps" else torch.float64
+    nll = torch.zeros((), dtype=acc, device=dev)  # summed over target tokens
+    n_bytes = torch.zeros((), dtype=acc, device=dev)
+    for i in range(0, len(mine), cfg["batch_size"]):
+        if stop:
+            break
+        x, y = data.windows(tokens, mine[i:i + cfg["batch_size"]], cfg["context_length"], dev)
+        with autocast:
+            ce = model.loss(x, y)[0]
+        nll += ce.to(acc) * y.numel()
+        if token_bytes is not None:
+            n_bytes += token_bytes[y].sum()
+    totals = torch.stack([nll, n_bytes, torch.tensor(float(bool(stop)), dtype=acc, device=dev)])
+    if world > 1:
+        dist.all_reduce(totals)
+    nll, n_bytes, stopped = totals.tolist()
+    bpb = nll / math.log(2) / n_bytes if n_bytes else None
+    return nll / (len(starts) * cfg["context_length"]), bpb, stopped > 0
+
+
+# --- The training step, shared with bench.py ------------------------------------------------------------------------
+
+class LossScaler:
+    """Dynamic loss scaling for float16 autocast (Micikevicius et al. 2018): the loss is multiplied by `scale` before
+    backward so small gradients do not flush to zero in float16; a step whose gradients overflow is skipped and the
+    scale halved; after `interval` good steps in a row it doubles. Disabled (scale 1, never skips) for other dtypes."""
+
+    def __init__(self, enabled: bool, scale: float = 2.0**16, interval: int = 2000):
+        self.enabled, self.scale, self.good_steps, self.interval = enabled, scale if enabled else 1.0, 0, interval
+
+    def skip(self, grad_norm: torch.Tensor) -> bool:
+        """Whether to skip this step (gradients overflowed), updating the scale; a host sync, float16 only."""
+        if not self.enabled:
+            return False
+        overflow = not torch.isfinite(grad_norm).item()
+        self.good_steps = 0 if overflow else self.good_steps + 1
+        if overflow:
+            self.scale /= 2
+        elif self.good_steps % self.interval == 0:
+            self.scale *= 2
+        return overflow
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = state["scale"], state["good_steps"]
+
+
+def build(cfg: dict, flags: dict, dev: torch.device) -> tuple[TransformerLM, AdamW]:
+    """The model (from `seed`) and AdamW: matrices decay, norm gains do not; multi-tensor updates on CUDA."""
+    torch.manual_seed(cfg["seed"])
+    model = TransformerLM(**flags, device=dev)
+    gains = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2]}, {"params": gains, "weight_decay": 0.0}]
+    optimizer = AdamW(groups[:2 if gains else 1], lr=cfg["lr"], betas=cfg["betas"], eps=cfg["eps"],
+                      weight_decay=cfg["weight_decay"], foreach=dev.type == "cuda")
+    return model, optimizer
+
+
+def step_batch(tokens, cfg: dict, rank: int, step: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grad_accum_steps x batch_size sequences this rank trains on at `step`, drawn from batch_seed: with
+    accumulation the micro-batches are exactly the rows of the one big batch."""
+    generator = torch.Generator().manual_seed(batch_seed(cfg["seed"], rank, step))
+    return data.get_batch(tokens, cfg["batch_size"] * cfg["grad_accum_steps"], cfg["context_length"], dev, generator)
+
+
+def train_step(model: TransformerLM, loss_fn: Callable, optimizer: AdamW, x: torch.Tensor, y: torch.Tensor, lr: float,
+               cfg: dict, autocast, scaler: LossScaler, world: int, stop: bool = False) -> torch.Tensor:
+    """One optimizer step on x, y: (grad_accum_steps x batch_size, context), gradients averaged over micro-batches
+    and ranks (one all_reduce). Returns (ce, z, stop, grad_norm, skipped) on the device, means over micro-batches and
+    ranks; no host sync (float16's overflow check excepted), so the GPU never waits for Python."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    accum, weight = cfg["grad_accum_steps"], cfg["z_loss"]
+    sums = torch.zeros(2, device=x.device)  # (ce, z) summed over micro-batches
+    for xb, yb in zip(x.chunk(accum), y.chunk(accum)):
+        with autocast:
+            ce, z = loss_fn(xb, yb)
+        ((ce + weight * z if weight else ce) * (scaler.scale / accum)).backward()
+        sums += torch.stack([ce.detach().float(), z.detach().float()])
+    stats = torch.cat([sums / accum, torch.full((1,), float(stop), device=x.device)])
+    if world > 1:
+        stats = all_reduce_gradients(model, stats, world)  # every rank now holds the same mean loss and flag
+    if scaler.enabled:
+        torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], 1 / scaler.scale)
+    norm = clip_grad_norm(model.parameters(), cfg["grad_clip"] or math.inf)
+    skipped = scaler.skip(norm)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.cat([stats, norm.view(1).to(stats), torch.full((1,), float(skipped), device=stats.device)])
+
+
+def fast_path(model: TransformerLM, cfg: dict, dev: torch.device, dtype: torch.dtype, say: Callable) -> Callable:
+    """Switch on kernels.py's ops (kernels='auto': each checked against its reference at the run's shapes first) and
+    return the loss function, compiled for compile=True or 'auto' on CUDA (compilation happens at the first step)."""
+    on_cuda = dev.type == "cuda"
+    if cfg["kernels"] is True:
+        model.use_kernels()  # forced: without Triton each op runs its torch reference
+        say(f"kernels: on {', '.join(KERNEL_OPS)} (kernels=True)")
+    elif cfg["kernels"] == "auto" and on_cuda:
+        report = model.kernel_preflight(batch_size=2, dtype=dtype)
+        model.use_kernels(tuple(op for op, reason in report.items() if reason is None))
+        say(format_preflight(report))
+    if cfg["compile"] is True or (cfg["compile"] == "auto" and on_cuda):
+        return torch.compile(model.loss, dynamic=False)  # `model` stays raw for evaluation, sampling and saving
+    return model.loss
+
+
+def first_step(model: TransformerLM, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, cfg: dict,
+               dtype: torch.dtype, say: Callable) -> tuple[Callable, float]:
+    """Forward and backward once on the first batch (gradients dropped): compiles, and catches a failing compile or
+    kernel (one line, then the eager or reference path) and an out-of-memory batch (one line, exit 2), all before
+    anything is written. Returns the loss function that worked and the seconds it took."""
+    attempts = [(loss_fn, "")]
+    if loss_fn != model.loss:
+        attempts.append((model.loss, "compile failed"))
+    if any(getattr(m, "fast", False) for m in model.modules()):
+        attempts.append((model.loss, "kernels failed"))
+    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for i, (fn, why) in enumerate(attempts):
+        if why == "kernels failed":
+            model.use_kernels(())
+        t0 = time.perf_counter()
+        try:
+            with autocast:
+                ce, _ = fn(x[:cfg["batch_size"]], y[:cfg["batch_size"]])
+            ce.backward()
+            seconds = time.perf_counter() - t0
+            break
+        except torch.OutOfMemoryError:
+            raise MemoryError(out_of_memory_message(model, cfg, x.device, dtype)) from None
+        except Exception as e:
+            if i == len(attempts) - 1:
+                raise
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+            next_why = attempts[i + 1][1]
+            say(f"{'compile' if next_why == 'compile failed' else 'kernels'}: failed ({reason}); continuing with "
+                f"{'eager ops' if next_why == 'compile failed' else 'the reference ops'}")
+        finally:
+            model.zero_grad(set_to_none=True)
+    return fn, seconds
+
+
+def out_of_memory_message(model: TransformerLM, cfg: dict, dev: torch.device, dtype: torch.dtype) -> str:
+    est = model.memory_estimate(cfg["batch_size"], dtype != torch.float32)["total"] / 2**30
+    have = f"; the GPU has {torch.cuda.get_device_properties(dev).total_memory / 2**30:.1f} GiB" if dev.type == "cuda" \
+        else ""
+    return (f"out of memory at the first step with batch_size={cfg['batch_size']} (model.py estimates {est:.1f} GiB"
+            f"{have}): lower batch_size and raise grad_accum_steps to keep the tokens per step")
+
+
 # --- The training run ------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class Loop:
+    """The run's state from step to step, saved in ckpt.pt as `loop`, so a resume continues it exactly."""
+    elapsed: float = 0.0  # training seconds (evaluation and saving excluded)
+    tokens: int = 0  # training tokens seen, all ranks
+    ema: float = 0.0  # smoothed training loss, not yet debiased
+    first_loss: float | None = None
+    ref_loss: float | None = None  # divergence is judged against this: min(first loss, loss at end of warm-up)
+    skipped: int = 0  # float16 steps skipped because their gradients overflowed
+    last: dict = dataclasses.field(default_factory=dict)  # the latest step's lr, train_loss, grad_norm, z_loss
+
+
+def read_stats(loop: Loop, pending: list, cfg: dict) -> tuple[str | None, int, bool]:
+    """Fold the steps since the last log line into loop (one host sync for all of them): the smoothed loss, the
+    divergence reference and check, the stop flag. pending holds (step, lr, stats) per step. Returns (divergence
+    message or None, steps folded before it, stop requested on any rank)."""
+    if not pending:
+        return None, 0, False
+    rows = torch.stack([stats for _, _, stats in pending]).tolist()  # the one host sync
+    stop = False
+    for n, ((step, lr, _), (loss, z, stop_flag, grad_norm, skipped)) in enumerate(zip(pending, rows)):
+        factor, ref = cfg["diverge_factor"], loop.ref_loss
+        too_big = bool(factor) and ref is not None and loss > factor * ref
+        if too_big or not math.isfinite(loss) or not (skipped or math.isfinite(grad_norm)):
+            loop.last = dict(lr=lr, train_loss=loss, grad_norm=grad_norm, z_loss=z)
+            return (f"loss {loss:.4g}, grad norm {grad_norm:.4g}" +
+                    (f" (> {factor} x reference loss {ref:.4f})" if too_big else "")), n, stop
+        loop.skipped += int(skipped)
+        loop.ema = EMA_BETA * loop.ema + (1 - EMA_BETA) * loss
+        if loop.first_loss is None:
+            loop.first_loss = loss
+        debiased = loop.ema / (1 - EMA_BETA ** (step + 1))
+        if loop.ref_loss is None and step + 1 >= cfg["warmup_iters"]:
+            loop.ref_loss = min(loop.first_loss, debiased)
+        loop.last = dict(lr=lr, train_loss=debiased, grad_norm=grad_norm, z_loss=z)
+        stop = stop or stop_flag > 0
+    return None, len(rows), stop
+
+
+def lr_at(step: int, cfg: dict) -> float:
+    return cosine_lr(step, cfg["lr"], cfg["min_lr"], cfg["warmup_iters"], cfg["cosine_iters"])
+
+
+def check_lengths(cfg: dict, bins: list[str], tokens: list) -> np.ndarray:
+    """Both token files hold at least one window, and the validation windows (returned as starts) are fixed."""
+    for key, path, t in zip(("train_data", "val_data"), bins, tokens):
+        if len(t) <= cfg["context_length"]:
+            raise ValueError(f"{key}: {path} has {len(t):,} tokens, fewer than one window (context_length + 1 = "
+                             f"{cfg['context_length'] + 1}); use a longer file or a smaller context_length")
+    starts = data.eval_starts(len(tokens[1]), cfg["context_length"], cfg["eval_tokens"])
+    return starts
+
+
 def main(cfg: dict) -> dict:
-    """Train as cfg says (missing keys take DEFAULTS). Returns {status, step, train_loss, val_loss, model}, where status
-    is 'done', 'target' (target_val_loss reached), 'diverged' or 'interrupted', and model is the raw trained model."""
+    """Train as cfg says (missing keys take DEFAULTS). Returns {status, step, train_loss, val_loss, val_bpb, model},
+    where status is 'done', 'target' (target_val_loss reached), 'diverged' or 'interrupted', and model is the raw
+    trained model."""
     cfg = check_config(cfg)
-    rank, local_rank, world = setup_distributed(cfg["device"])
+    rank, local_rank, world, prep_group = setup_distributed(cfg["device"])
     master = rank == 0
     say = print if master else (lambda *args, **kwargs: None)
     dev = pick_device(cfg["device"], local_rank)
@@ -328,169 +609,189 @@ def main(cfg: dict) -> dict:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores, as the MFU peak assumes
 
-    if world > 1 and not master:  # rank 0 trains the tokenizer and tokenizes first; the others then find it cached
-        dist.barrier()
-    bins = data.prepare_splits([cfg["train_data"], cfg["val_data"]], cfg["tokenizer_dir"], cfg["vocab_size"],
-                               cfg["special_tokens"])
-    if world > 1 and master:
-        dist.barrier()
-    train_tokens, val_tokens = (data.load_tokens(path, cfg["vocab_size"]) for path in bins)
-    train_tokens, val_tokens = (data.tokens_to_device(t, dev) for t in (train_tokens, val_tokens))  # on a GPU if it fits
-
-    torch.manual_seed(cfg["seed"])
-    model = TransformerLM(**{k: cfg[k] for k in MODEL_KEYS}, device=dev)
-    gains = [p for p in model.parameters() if p.dim() < 2]  # norm gains are not decayed, matrices are
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2]}, {"params": gains, "weight_decay": 0.0}]
-    optimizer = AdamW(groups[:2 if gains else 1], lr=cfg["lr"], betas=cfg["betas"], eps=cfg["eps"],
-                      weight_decay=cfg["weight_decay"], foreach=dev.type == "cuda")
+    # Every input is checked before anything in out_dir is written: the starting point, the data, the first step.
     ckpt_path, log_path = (os.path.join(cfg["out_dir"], name) for name in ("ckpt.pt", "log.csv"))
-    step, loop = 0, {"elapsed": 0.0, "tokens": 0, "ema": 0.0, "first_loss": None, "ref_loss": None}
-    if cfg["resume"]:
-        ckpt = read_checkpoint(ckpt_path)
-        _check_same_flags(ckpt, cfg, model.config)
-        step, loop = load_checkpoint(ckpt, model, optimizer), ckpt["loop"]
+    source, source_name = read_source(cfg)
+    flags = model_config(**model_flags(cfg, source and source["model_config"], source_name))
+    ckpt = read_checkpoint(ckpt_path) if cfg["resume"] else None
+    if ckpt is not None:
+        check_resume(ckpt, cfg, flags, ckpt_path)
+    cfg.update(flags)
+    new_tokenizer = check_tokenizer_source(cfg, source, source_name)
+    if new_tokenizer is not None and master:
+        os.makedirs(cfg["tokenizer_dir"], exist_ok=True)
+        new_tokenizer.save(*(os.path.join(cfg["tokenizer_dir"], f) for f in ("vocab.json", "merges.txt")))
+    bins = prepare_data(cfg, rank, world, prep_group)
+    train_tokens, val_tokens = (data.load_tokens(path, cfg["vocab_size"]) for path in bins)
+    val_starts = check_lengths(cfg, bins, [train_tokens, val_tokens])
+    if cfg["eval_tokens"] > len(val_starts) * cfg["context_length"]:
+        say(f"eval_tokens={cfg['eval_tokens']:,} is more than {bins[1]} holds: validating on all of it "
+            f"({len(val_starts):,} windows, {len(val_starts) * cfg['context_length']:,} tokens)")
+    token_bytes = token_byte_lengths(cfg, dev)
+    train_tokens, val_tokens = (data.tokens_to_device(t, dev) for t in (train_tokens, val_tokens))  # to a GPU if it fits
+
+    model, optimizer = build(cfg, flags, dev)
+    loss_fn = fast_path(model, cfg, dev, dtype, say)
+    scaler = LossScaler(dtype == torch.float16)
+    step, loop = 0, Loop()
+    if ckpt is not None:
+        step, loop = load_checkpoint(ckpt, model, optimizer), Loop(**ckpt["loop"])
+        if scaler.enabled and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if dev.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
         changed = [f"{k}={v!r}" for k, v in cfg.items() if k != "resume" and ckpt["config"].get(k) != v]
         say(f"resuming {ckpt_path} at step {step}" + (f" with {', '.join(changed)}" if changed else ""))
-    else:
-        if os.path.exists(ckpt_path):
-            say(f"note: a new run replaces {ckpt_path} and its log.csv (--resume=True would continue it)")
-        for p in model.parameters() if world > 1 else []:  # every rank starts from rank 0's weights
-            dist.broadcast(p.data, src=0)
-    start = step
+        say(schedule_note(step, cfg, ckpt["config"]))
+    elif source is not None:
+        load_checkpoint({"model": source["state_dict"]}, model, None)
+        say(f"starting from the weights of {source_name} (step {source['iteration']}): fresh optimizer and schedule")
+    if ckpt is None and os.path.exists(ckpt_path):
+        say(f"note: a new run replaces {ckpt_path} and its log.csv (--resume=True would continue it)")
+    for p in model.parameters() if world > 1 and ckpt is None else []:  # every rank starts from rank 0's weights
+        dist.broadcast(p.data, src=0)
+    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+    x, y = step_batch(train_tokens, cfg, rank, step, dev)
+    loss_fn, seconds = first_step(model, loss_fn, x, y, cfg, dtype, say)
+    if loss_fn != model.loss:
+        say(f"compile: the first forward and backward took {seconds:.1f} s (torch.compile)")
 
     # Header: what is needed to trace a curve back to its settings, printed and saved beside the CSV.
-    tokens_per_step = cfg["batch_size"] * cfg["context_length"] * world
+    tokens_per_step = cfg["batch_size"] * cfg["grad_accum_steps"] * cfg["context_length"] * world
     flops_per_step = 3 * model.flops_per_token() * tokens_per_step  # the backward pass costs twice the forward
     peak = peak_flops(dev, dtype) * world
     run = {"git": git_commit(), "torch": torch.__version__, "world_size": world, "dtype": str(dtype)[6:],
            "dtype_why": dtype_why, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
            else f"{dev.type} ({torch.get_num_threads()} threads)", "params": model.num_params(),
            "flops_per_token": model.flops_per_token(), "tokens_per_step": tokens_per_step,
-           "ops": "kernels.py " + ("Triton" if triton_available() else "torch references") if cfg["kernels"]
-           else "model.py reference ops"}
+           "compiled": loss_fn != model.loss, "eval_windows": len(val_starts),
+           "ops": "kernels.py fused ops" if any(getattr(m, "fast", False) for m in model.modules())
+           else "model.py reference ops",
+           "init_from": source_name and {"path": source_name, "iteration": source["iteration"]}}
     say(textwrap.fill("config: " + " ".join(f"{k}={v!r}" for k, v in cfg.items()), 120, subsequent_indent="  "))
     say(f"git {run['git']} | torch {run['torch']} | {run['device']} x {world} | {run['dtype']} ({dtype_why}) | "
         f"{run['params']:,} parameters | {run['flops_per_token'] / 1e6:.2f} MFLOPs/token forward | "
-        f"{tokens_per_step:,} tokens/step | {run['ops']}")
+        f"{tokens_per_step:,} tokens/step | {'compiled' if run['compiled'] else 'eager'}, {run['ops']} | "
+        f"validation {len(val_starts):,} x {cfg['context_length']} tokens")
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         for name, obj in (("config.json", cfg), ("run.json", run)):
             with atomic_write(os.path.join(cfg["out_dir"], name)) as f:  # a crash never leaves half a JSON file
                 json.dump(obj, f, indent=1)
-        start_log(log_path, keep_until=step if cfg["resume"] else None)
+        start_log(log_path, keep_until=step if ckpt is not None else None)
 
     def save(step: int) -> None:
         rng = {"torch": torch.get_rng_state()}
         if dev.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(dev)
-        save_checkpoint(model, optimizer, step, ckpt_path, config=cfg, tokenizer_dir=cfg["tokenizer_dir"], rng=rng,
-                        loop=dict(loop))
+        tokenizer = {"dir": os.path.abspath(cfg["tokenizer_dir"]), "special_tokens": list(cfg["special_tokens"]),
+                     "rel": os.path.relpath(os.path.abspath(cfg["tokenizer_dir"]), os.path.abspath(cfg["out_dir"]))}
+        save_checkpoint(model, optimizer, step, ckpt_path, config=cfg, tokenizer_dir=cfg["tokenizer_dir"],
+                        tokenizer=tokenizer, rng=rng, loop=dataclasses.asdict(loop), scaler=scaler.state_dict())
 
-    if cfg["kernels"]:
-        model.use_kernels()  # on CPU without Triton each op runs its torch reference
-    loss_fn = torch.compile(model.loss, dynamic=False) if cfg["compile"] else model.loss  # `model` stays raw
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    generator = torch.Generator()
-    status, last, val_loss, stopping, saved_step = "done", {}, None, False, start
-    window = (loop["elapsed"], step)  # (training seconds, step) at the previous console line
+    start, status, val_loss, val_bpb, saved_step = step, "done", None, None, step
+    pending, window = [], (loop.elapsed, step)  # steps not yet read back; (training seconds, step) at the last line
+    clock = time.perf_counter()
     with stop_on_signal() as stop_signals:
         while True:
             last_step = step >= cfg["max_iters"]
-            # Evaluate, log and save at the top of the step, so the final ones happen inside the loop (last_step).
+            do_eval = step % cfg["eval_interval"] == 0 or last_step
+            # Log, evaluate and save at the top of a step, so the final ones happen inside the loop (last_step).
             # A resumed run did all three for its first step before that checkpoint was written.
-            if step > start or not cfg["resume"]:
-                do_eval = step % cfg["eval_interval"] == 0 or last_step
-                val_loss = evaluate(model, val_tokens, cfg, dev, autocast) if do_eval else None
-                if do_eval and not math.isfinite(val_loss):
-                    status = "diverged"
-                elif do_eval and cfg["target_val_loss"] is not None and val_loss <= cfg["target_val_loss"]:
-                    status = "target"
-                if step > start and (step % cfg["log_interval"] == 0 or do_eval):
-                    dt = (loop["elapsed"] - window[0]) / (step - window[1])  # seconds per step since the last line
-                    last.update(tokens_per_s=round(tokens_per_step / dt, 1),
-                                mfu=round(flops_per_step / dt / peak, 4) if peak else 0.0)
-                    say(f"step {step}/{cfg['max_iters']} ({step / max(cfg['max_iters'], 1):.1%}) | "
-                        f"loss {last['train_loss']:.4f} | lr {last['lr']:.2e} | dt {1000 * dt:.1f} ms | "
-                        f"{last['tokens_per_s']:,.0f} tok/s | MFU {last['mfu']:.1%} | "
-                        f"elapsed {hms(loop['elapsed'])} | eta {hms(dt * max(cfg['max_iters'] - step, 0))}")
+            log_now = do_eval or step % cfg["log_interval"] == 0 or (world == 1 and stop_signals)  # same on all ranks
+            if log_now and (step > start or ckpt is None):
+                problem, folded, stop = read_stats(loop, pending, cfg)  # the host sync, once per log line
+                loop.elapsed += time.perf_counter() - clock
+                loop.tokens += folded * tokens_per_step
+                if problem is not None:
+                    status, bad = "diverged", pending[folded][0] + 1
+                    if master:
+                        write_row(log_path, step=bad, tokens=loop.tokens, elapsed_s=round(loop.elapsed, 3),
+                                  status=status, **loop.last)
+                    say(f"diverged at step {bad}: {problem}; stopped, {ckpt_path} keeps step {saved_step}")
+                    step = bad - 1
+                    break
+                pending = []
+                evaluated = None  # (val_loss, val_bpb) when this step was evaluated to the end
+                if do_eval:
+                    *evaluated, interrupted = evaluate(model, val_tokens, val_starts, token_bytes, cfg, dev, autocast,
+                                                       rank, world, stop_signals)
+                    stop = stop or interrupted
+                    if interrupted:
+                        evaluated = None
+                    else:
+                        val_loss, val_bpb = evaluated
+                    if evaluated and not math.isfinite(val_loss):
+                        status = "diverged"
+                    elif evaluated and cfg["target_val_loss"] is not None and val_loss <= cfg["target_val_loss"]:
+                        status = "target"
+                if folded:
+                    dt = (loop.elapsed - window[0]) / (step - window[1])  # seconds per step since the last line
+                    speed = dict(tokens_per_s=round(tokens_per_step / dt, 1),
+                                 mfu=round(flops_per_step / dt / peak, 4) if peak else 0.0)
+                    say(progress_line(step, cfg, loop, dt, speed))
                     if window[1] == start:
                         say(memory_report(model, cfg["batch_size"], dtype, dev))
-                    window = (loop["elapsed"], step)
-                if master and (step % cfg["log_interval"] == 0 or do_eval):
-                    write_row(log_path, step=step, tokens=loop["tokens"], elapsed_s=round(loop["elapsed"], 3),
-                              val_loss=val_loss, val_ppl=None if val_loss is None else math.exp(min(val_loss, 700)),
-                              status=None if status == "done" else status, **last)
-                if do_eval:
+                    window = (loop.elapsed, step)
+                if master:
+                    write_row(log_path, step=step, tokens=loop.tokens, elapsed_s=round(loop.elapsed, 3),
+                              skipped=loop.skipped, status=None if status == "done" else status,
+                              **(val_columns(*evaluated) if evaluated else {}), **(loop.last | speed if folded else {}))
+                if evaluated:
                     if master and status != "diverged":
                         save(step)
                         saved_step = step
-                    say(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 700)):.2f})" +
+                    say(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 700)):.2f}" +
+                        (f", {val_bpb:.4f} bits/byte)" if val_bpb else ")") +
                         (f" | saved {ckpt_path}" if status != "diverged" else " | not saved: diverged"))
-                if status != "done":
+                if stop or (stop_signals and world == 1):
+                    status = "interrupted"
+                    if master and saved_step != step:
+                        save(step)
+                    say(f"stopped at step {step}; saved {ckpt_path}; continue with --resume=True")
                     break
-            if last_step:
-                break
-            if stopping:
-                status = "interrupted"
-                if master and saved_step != step:
-                    save(step)
-                say(f"stopped at step {step}; saved {ckpt_path}; continue with --resume=True")
+                if status != "done" or last_step:
+                    break
+                clock = time.perf_counter()
+            elif last_step:
                 break
 
-            # One optimizer step on this rank's batch.
-            t0 = time.perf_counter()
-            lr_now = cosine_lr(step, cfg["lr"], cfg["min_lr"], cfg["warmup_iters"], cfg["cosine_iters"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now
-            generator.manual_seed(batch_seed(cfg["seed"], rank, step))
-            x, y = data.get_batch(train_tokens, cfg["batch_size"], cfg["context_length"], dev, generator)
-            with autocast:
-                ce, z = loss_fn(x, y)
-            (ce + cfg["z_loss"] * z if cfg["z_loss"] else ce).backward()
-            stop_here = torch.full((), float(bool(stop_signals)), device=dev)  # Ctrl-C / SIGTERM seen on this rank
-            stats = torch.stack([ce.detach().float(), z.detach().float(), stop_here])
-            if world > 1:
-                stats = all_reduce_gradients(model, stats, world)  # every rank now holds the same mean loss and flag
-            norm = clip_grad_norm(model.parameters(), cfg["grad_clip"] or math.inf)
-            loss, z_mean, stop_flag, grad_norm = torch.cat([stats, norm.view(1).to(stats)]).tolist()  # one host sync
-            factor, ref_loss = cfg["diverge_factor"], loop["ref_loss"]
-            too_big = bool(factor) and ref_loss is not None and loss > factor * ref_loss
-            if too_big or not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                status = "diverged"  # the update is not applied and nothing is saved: ckpt.pt keeps the last good state
-                if master:
-                    write_row(log_path, step=step + 1, tokens=loop["tokens"], elapsed_s=round(loop["elapsed"], 3),
-                              lr=lr_now, train_loss=loss, grad_norm=grad_norm, z_loss=z_mean, status=status)
-                say(f"diverged at step {step + 1}: loss {loss:.4g}, grad norm {grad_norm:.4g}" +
-                    (f" (> {factor} x reference loss {ref_loss:.4f})" if too_big else "") +
-                    f"; stopped, {ckpt_path} keeps step {saved_step}")
-                break
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # One optimizer step on this rank's batch; its statistics stay on the device until the next log line.
+            lr = lr_at(step, cfg)
+            x, y = step_batch(train_tokens, cfg, rank, step, dev)
+            pending.append((step, lr, train_step(model, loss_fn, optimizer, x, y, lr, cfg, autocast, scaler, world,
+                                                 bool(stop_signals))))
             step += 1
-            loop["elapsed"] += time.perf_counter() - t0
-            loop["tokens"] += tokens_per_step
-            loop["ema"] = EMA_BETA * loop["ema"] + (1 - EMA_BETA) * loss
-            if loop["first_loss"] is None:
-                loop["first_loss"] = loss
-            if loop["ref_loss"] is None and step >= cfg["warmup_iters"]:  # divergence is judged against this
-                loop["ref_loss"] = min(loop["first_loss"], loop["ema"] / (1 - EMA_BETA**step))
-            last.update(lr=lr_now, train_loss=loop["ema"] / (1 - EMA_BETA**step), grad_norm=grad_norm, z_loss=z_mean)
-            stopping = stop_flag > 0
     if world > 1:
         dist.destroy_process_group()
-    return {"status": status, "step": step, "train_loss": last.get("train_loss"), "val_loss": val_loss, "model": model}
+    return {"status": status, "step": step, "train_loss": loop.last.get("train_loss"), "val_loss": val_loss,
+            "val_bpb": val_bpb, "model": model}
+
+
+def val_columns(val_loss: float, val_bpb: float | None) -> dict:
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)), "val_bpb": val_bpb}
+
+
+def progress_line(step: int, cfg: dict, loop: Loop, dt: float, speed: dict) -> str:
+    """How far, how good, how fast (nanochat's line): step, smoothed loss, lr, ms/step, tok/s, MFU, elapsed, eta."""
+    last = loop.last | speed
+    skipped = f" | skipped {loop.skipped}" if loop.skipped else ""
+    return (f"step {step}/{cfg['max_iters']} ({step / max(cfg['max_iters'], 1):.1%}) | loss {last['train_loss']:.4f} | "
+            f"lr {last['lr']:.2e} | dt {1000 * dt:.1f} ms | {last['tokens_per_s']:,.0f} tok/s | "
+            f"MFU {last['mfu']:.1%} | elapsed {hms(loop.elapsed)} | eta {hms(dt * max(cfg['max_iters'] - step, 0))}{skipped}")
+
+
+def schedule_note(step: int, cfg: dict, old: dict) -> str:
+    """How a resumed run's schedule continues, beside what the checkpoint's schedule gave at this step."""
+    note = (f"schedule: step {step} of {cfg['max_iters']}, lr {lr_at(step, cfg):.3g} now, cosine to "
+            f"{cfg['min_lr']:.3g} at step {cfg['cosine_iters']}")
+    try:
+        before = cosine_lr(step, old["lr"], old["min_lr"], old["warmup_iters"], old["cosine_iters"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        return note
+    return note if math.isclose(before, lr_at(step, cfg)) else note + f" (the checkpoint's schedule: {before:.3g} here)"
 
 
 if __name__ == "__main__":
-    try:
-        result = main(configure(DEFAULTS, sys.argv[1:]))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(130 if result["status"] == "interrupted" else 0)
+    run_cli(lambda argv: 130 if main(configure(DEFAULTS, argv))["status"] == "interrupted" else 0)

@@ -12,13 +12,11 @@ num_layers = 4
 num_heads = 4
 d_ff = None  # 384: 8/3 d_model rounded up to a multiple of 64
 
-lr = 3e-3
-min_lr = 3e-4
+lr = 3e-3  # decays to lr / 10 (min_lr_ratio)
 warmup_iters = 20
 batch_size = 32
-max_iters = 250
-cosine_iters = max_iters
+max_iters = 250  # the cosine decay ends here (cosine_iters=None)
 eval_interval = 50
-eval_iters = 10
+eval_tokens = 2**15  # 256 windows of 128 tokens, spread over the two held-out plays
 log_interval = 10
 device = "cpu"

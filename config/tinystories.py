@@ -15,17 +15,15 @@ num_heads = 16
 d_ff = 1344  # about 8/3 d_model, a multiple of 64
 rope_theta = 10000.0
 
-lr = 2e-3
-min_lr = lr / 10
+lr = 2e-3  # decays to lr / 10 (min_lr_ratio) at max_iters
 betas = (0.9, 0.95)
 weight_decay = 0.1
 grad_clip = 1.0
 batch_size = 128
 max_iters = 10000
 warmup_iters = 150  # 1.5% of the run
-cosine_iters = max_iters
 
 eval_interval = 500
-eval_iters = 50  # 50 x 128 x 256 = 1.6M validation tokens
+eval_tokens = 2**21  # 8,192 windows of 256 tokens spread over the validation file
 log_interval = 20
 target_val_loss = 1.45
