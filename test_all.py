@@ -1352,6 +1352,263 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_concatenated_batch():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Numbers to trust and the usual knobs (train.py, checkpoint.py): fixed validation windows, bits per byte,
+# schedules that follow overrides, accumulation, fine-tuning, float16, checkpoints for any module
+# ----------------------------------------------------------------------------------------------------
+
+def _quiet_main(cfg):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = train.main(cfg)
+    return result, out.getvalue()
+
+
+def _error_of(fn):
+    """The one-line ValueError/OSError message fn raises (fails the test if it raises nothing)."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            fn()
+    except (ValueError, OSError, MemoryError) as e:
+        assert "\n" not in str(e), str(e)
+        return str(e)
+    raise AssertionError("accepted")
+
+
+def test_eval_starts_fixed_windows_spread_over_the_file():
+    assert data.eval_starts(10, 3, 0).tolist() == [0, 3, 6]  # 3 whole windows (the last target is token 9)
+    assert data.eval_starts(10, 3, 6).tolist() == [0, 3]
+    assert data.eval_starts(1000, 10, 0).tolist() == list(range(0, 990, 10))  # 99 windows: 990 + 10 targets > 999
+    spread = data.eval_starts(1000, 10, 40).tolist()  # 4 of the 99, evenly apart, whole windows, no overlap
+    assert spread == [0, 240, 490, 740]
+    assert data.eval_starts(1000, 10, 10**9).tolist() == data.eval_starts(1000, 10, 0).tolist()
+
+
+def test_val_loss_independent_of_batch_size_and_its_bpb_by_hand():
+    with tempfile.TemporaryDirectory() as root:
+        base = _pipeline_cfg(root, max_iters=0, eval_tokens=0)
+        losses = [_quiet_main(dict(base, batch_size=b, out_dir=os.path.join(root, f"b{b}")))[0]["val_loss"]
+                  for b in (1, 8, 64)]
+        assert max(losses) - min(losses) < 1e-6 * losses[0], losses
+        # The loss by hand: every non-overlapping 16-token window of val.bin (4000 tokens: 249 windows), one by one.
+        tokens = np.fromfile(base["val_data"], dtype="<u2").astype(np.int64)
+        torch.manual_seed(base["seed"])
+        flags = {k: base[k] for k in model.MODEL_KEYS}
+        reference = TransformerLM(**flags)
+        nll = [reference.loss(torch.tensor(tokens[s:s + 16])[None], torch.tensor(tokens[s + 1:s + 17])[None])[0].item()
+               for s in range(0, 249 * 16, 16)]
+        assert math.isclose(losses[0], sum(nll) / len(nll), rel_tol=1e-5)
+
+        # Bits per byte: a stand-in model with loss 2 nats on every token and a vocabulary with known byte lengths.
+        class Constant(torch.nn.Module):
+            def loss(self, x, y):
+                return torch.tensor(2.0), torch.tensor(0.0)
+        lengths = torch.tensor([1, 2, 3, 13])  # bytes of tokens 0..3 (3: a special token, its string's 13 bytes)
+        val = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0])  # windows of 4 at 0 and 4: targets 1,2,3,0 and 1,2,3,0
+        cfg = dict(train.DEFAULTS, batch_size=1, context_length=4)
+        loss, bpb, stopped = train.evaluate(Constant(), val, np.array([0, 4]), lengths, cfg, torch.device("cpu"),
+                                            contextlib.nullcontext(), 0, 1, [])
+        assert loss == 2.0 and not stopped and math.isclose(bpb, 2.0 * 8 / math.log(2) / (2 * (2 + 3 + 13 + 1)))
+
+
+def test_schedule_follows_overrides_of_a_config_file():
+    repo = os.path.dirname(os.path.abspath(train.__file__))
+    with contextlib.redirect_stdout(io.StringIO()):
+        cfg = train.check_config(train.configure(train.DEFAULTS, [os.path.join(repo, "config", "tinystories.py"),
+                                                                 "--lr=1e-4", "--max_iters=20000"]))
+    assert cfg["min_lr"] == 1e-5 and cfg["cosine_iters"] == 20000
+    assert train.lr_at(150, cfg) == 1e-4 and train.lr_at(20000, cfg) == 1e-5
+    assert math.isclose(train.lr_at(10075, cfg), 1e-5 + 0.5 * (1e-4 - 1e-5))  # half way through the decay
+    assert train.check_config(dict(cfg, min_lr=None, min_lr_ratio=0.5, lr=1.0, cosine_iters=None))["min_lr"] == 0.5
+    message = _error_of(lambda: train.check_config(dict(cfg, warmup_iters=300, cosine_iters=200)))
+    assert "cosine_iters" in message and "warmup_iters" in message
+    for bad in ({"grad_accum_steps": 0}, {"eval_tokens": 10}, {"min_lr": 1.0}, {"init_from": "x", "resume": True},
+                {"vocab_size": 70000}, {"compile": "yes"}):
+        assert next(iter(bad)) in _error_of(lambda: train.check_config(dict(cfg, **bad))), bad
+
+
+def test_resume_with_a_new_max_iters_says_how_the_schedule_continues():
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _pipeline_cfg(root, max_iters=4, cosine_iters=None, min_lr=None)
+        _quiet_main(cfg)
+        _, out = _quiet_main(dict(cfg, max_iters=8, resume=True))
+        assert "schedule: step 4 of 8" in out and "cosine to 0.0003 at step 8" in out and "checkpoint's schedule" in out
+
+
+def test_grad_accumulation_equals_the_big_batch_and_resumes_exactly():
+    with tempfile.TemporaryDirectory() as root:
+        base = _pipeline_cfg(root, max_iters=5, eval_interval=5, grad_clip=0.0, eps=1e-2)
+        big, _ = _quiet_main(dict(base, batch_size=8, out_dir=os.path.join(root, "big")))
+        acc, _ = _quiet_main(dict(base, batch_size=2, grad_accum_steps=4, out_dir=os.path.join(root, "acc")))
+        for (name, p), q in zip(big["model"].named_parameters(), acc["model"].parameters()):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (name, (p - q).abs().max())
+        rows_big, rows_acc = (_pipeline_rows(os.path.join(root, d)) for d in ("big", "acc"))
+        for a, b in zip(rows_big[1:], rows_acc[1:]):  # the same tokens and (to rounding) the same mean loss
+            assert a[1] == b[1] and math.isclose(float(a[3]), float(b[3]), rel_tol=1e-5)
+        assert int(rows_acc[-1][1]) == 5 * 8 * 16
+        split = dict(base, batch_size=2, grad_accum_steps=4, out_dir=os.path.join(root, "split"))
+        _quiet_main(dict(split, max_iters=3))
+        resumed, _ = _quiet_main(dict(split, resume=True))
+        _pipeline_assert_same_params(acc["model"], resumed["model"])
+
+
+def test_ddp_accumulation_one_all_reduce_per_step_and_the_same_val_loss_on_two_ranks():
+    repo = os.path.dirname(os.path.abspath(train.__file__))
+    worker = ("import json, sys, torch, torch.distributed as d, train; cfg = json.loads(sys.argv[1]); n = [0]\n"
+              "reduce = d.all_reduce\n"
+              "def counted(*a, **k):\n    n[0] += 1\n    return reduce(*a, **k)\n"
+              "d.all_reduce = counted\nr = train.main(cfg)\n"
+              "torch.save({'params': r['model'].state_dict(), 'reduces': n[0]}, sys.argv[2])")
+    with tempfile.TemporaryDirectory() as root:
+        base = _pipeline_cfg(root, max_iters=3, eval_interval=100, eval_tokens=0, grad_clip=0.0, eps=1e-2)
+        runs = {"acc": dict(base, batch_size=2, grad_accum_steps=2), "big": dict(base, batch_size=4)}
+        procs = []
+        for name, cfg in runs.items():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cfg["out_dir"] = os.path.join(root, name)
+            procs += [subprocess.Popen([sys.executable, "-c", worker, json.dumps(cfg), os.path.join(root, f"{name}{r}")],
+                                       cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+                      for r in range(2)]
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outputs
+        got = {name: torch.load(os.path.join(root, f"{name}0"), weights_only=True) for name in runs}
+        assert got["acc"]["reduces"] == got["big"]["reduces"] == 3 + 2  # one per step, one per evaluation (0 and 3)
+        for key, p in got["big"]["params"].items():
+            assert torch.allclose(p, got["acc"]["params"][key], rtol=1e-5, atol=1e-6), key
+        one_rank, _ = _quiet_main(dict(base, max_iters=0, batch_size=7, out_dir=os.path.join(root, "one")))
+        two_ranks = [r for r in _pipeline_rows(os.path.join(root, "acc")) if r[0] == "0"][0]
+        assert math.isclose(float(two_ranks[4]), one_rank["val_loss"], rel_tol=1e-6)
+
+
+def test_init_from_loads_weights_and_nothing_else():
+    with tempfile.TemporaryDirectory() as root:
+        first, _ = _quiet_main(_pipeline_cfg(root, max_iters=4, out_dir=os.path.join(root, "first")))
+        source = os.path.join(root, "first", "ckpt.pt")
+        cfg = _pipeline_cfg(root, init_from=source, out_dir=os.path.join(root, "tuned"), max_iters=0, seed=99,
+                            lr=1e-3, min_lr=None)
+        tuned, out = _quiet_main(cfg)
+        _pipeline_assert_same_params(first["model"], tuned["model"])
+        assert "starting from the weights of" in out and math.isclose(tuned["val_loss"], first["val_loss"])
+        ckpt = train.read_checkpoint(os.path.join(root, "tuned", "ckpt.pt"))
+        assert ckpt["iteration"] == 0 and ckpt["optimizer"]["state"] == {} and ckpt["loop"]["first_loss"] is None
+        with open(os.path.join(root, "tuned", "run.json")) as f:
+            assert json.load(f)["init_from"] == {"path": source, "iteration": 4}
+        shorter, _ = _quiet_main(dict(cfg, context_length=8, out_dir=os.path.join(root, "short"), eval_tokens=0))
+        assert shorter["model"].config["context_length"] == 8 and torch.equal(
+            shorter["model"].lm_head.weight, first["model"].lm_head.weight)
+        for bad, named in (({"d_model": 32}, "d_model"), ({"context_length": 32}, "context_length"),
+                           ({"init_from": os.path.join(root, "nothing.pt")}, "nothing.pt"),
+                           ({"resume": True}, "init_from")):
+            assert named in _error_of(lambda: train.main(dict(cfg, out_dir=os.path.join(root, "bad"), **bad))), bad
+        with open(os.path.join(root, "junk.pt"), "wb") as f:
+            f.write(b"not a checkpoint")
+        assert "junk.pt" in _error_of(lambda: train.main(dict(cfg, init_from=os.path.join(root, "junk.pt"))))
+        assert not os.path.exists(os.path.join(root, "bad"))  # refused before anything was written
+
+
+def test_float16_overflow_skips_the_step_and_resume_stays_exact():
+    scale = train.LossScaler(True, scale=8.0, interval=2)
+    assert scale.skip(torch.tensor(float("inf"))) and scale.scale == 4.0
+    assert not scale.skip(torch.tensor(1.0)) and not scale.skip(torch.tensor(1.0)) and scale.scale == 8.0
+    pick_dtype, init = train.pick_dtype, train.LossScaler.__init__
+    train.pick_dtype = lambda name, dev: (torch.float16, "test: float16 autocast on the CPU")
+    train.LossScaler.__init__ = lambda self, enabled: init(self, enabled, scale=2.0**40)  # gradients overflow first
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            cfg = _pipeline_cfg(root, max_iters=30, eval_interval=10, lr=1e-2)
+            whole, _ = _quiet_main(dict(cfg, out_dir=os.path.join(root, "whole")))
+            _quiet_main(dict(cfg, max_iters=14))
+            resumed, _ = _quiet_main(dict(cfg, resume=True))
+            _pipeline_assert_same_params(whole["model"], resumed["model"])
+            with open(os.path.join(root, "whole", "log.csv"), newline="") as f:
+                rows = list(csv.DictReader(f))
+            skipped = int(rows[-1]["skipped"])
+            assert 5 <= skipped < 30 and int(rows[1]["skipped"]) == 1, [r["skipped"] for r in rows]
+            ckpt = train.read_checkpoint(os.path.join(root, "whole", "ckpt.pt"))
+            assert ckpt["scaler"]["scale"] == 2.0**40 / 2**skipped and ckpt["loop"]["skipped"] == skipped
+            fresh, _ = _quiet_main(dict(cfg, max_iters=1, out_dir=os.path.join(root, "one")))
+            torch.manual_seed(cfg["seed"])
+            _pipeline_assert_same_params(fresh["model"], TransformerLM(**{k: cfg[k] for k in model.MODEL_KEYS}))
+    finally:
+        train.pick_dtype, train.LossScaler.__init__ = pick_dtype, init
+    assert "float16" in _error_of(lambda: train.pick_dtype("float16", torch.device("cpu")))
+
+
+def test_checkpoints_for_any_module_and_load_errors_name_the_keys():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "ckpt.pt")
+        train.save_checkpoint(net, opt, 7, path)
+        net2 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        opt2 = torch.optim.AdamW(net2.parameters(), lr=1.0)
+        assert train.load_checkpoint(path, net2, opt2) == 7 and opt2.param_groups[0]["lr"] == 1e-2
+        for a, b in zip(net.parameters(), net2.parameters()):
+            assert torch.equal(a, b) and torch.equal(opt.state[a]["exp_avg"], opt2.state[b]["exp_avg"])
+        wider = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.ReLU(), torch.nn.Linear(9, 2), torch.nn.Linear(2, 2))
+        message = _error_of(lambda: train.load_checkpoint(path, wider, None))
+        assert "unexpected" not in message and "missing keys: 3.weight, 3.bias" in message
+        assert "0.weight (8, 4) vs (9, 4)" in message
+        # A bare checkpoint of a TransformerLM: weights load, --resume says what it lacks.
+        cfg = _pipeline_cfg(root, out_dir=os.path.join(root, "run"), max_iters=2)
+        lm = TransformerLM(**{k: cfg[k] for k in model.MODEL_KEYS})
+        os.makedirs(cfg["out_dir"])
+        train.save_checkpoint(lm, AdamW(lm.parameters()), 3, os.path.join(cfg["out_dir"], "ckpt.pt"))
+        message = _error_of(lambda: train.main(dict(cfg, resume=True)))
+        assert "lacks config, loop, rng" in message and "--init_from=" in message
+        tuned, _ = _quiet_main(dict(cfg, init_from=os.path.join(cfg["out_dir"], "ckpt.pt"), max_iters=0,
+                                    out_dir=os.path.join(root, "tuned")))
+        _pipeline_assert_same_params(lm, tuned["model"])
+
+
+def test_failing_run_leaves_the_previous_out_dir_byte_for_byte():
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _pipeline_cfg(root, max_iters=2)
+        _quiet_main(cfg)
+
+        def snapshot():
+            return {name: open(os.path.join(cfg["out_dir"], name), "rb").read() for name in os.listdir(cfg["out_dir"])}
+        before = snapshot()
+        short = os.path.join(root, "short.bin")
+        np.arange(10, dtype="<u2").tofile(short)
+        for bad, named in (({"val_data": short}, "val_data"), ({"train_data": short}, "train_data"),
+                           ({"init_from": os.path.join(root, "missing.pt")}, "missing.pt"),
+                           ({"eval_tokens": 3}, "eval_tokens"), ({"d_model": 15}, "d_model")):
+            assert named in _error_of(lambda: train.main(dict(cfg, **bad))), bad
+            assert snapshot() == before, bad
+
+
+def test_compile_failure_and_a_failing_kernel_fall_back_with_one_line_and_the_same_losses():
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _pipeline_cfg(root, max_iters=3, compile=False, kernels=False)
+        plain, _ = _quiet_main(dict(cfg, out_dir=os.path.join(root, "plain")))
+        compile_fn, attention = torch.compile, kernels.attention
+
+        def broken_compile(fn, **kwargs):
+            def compiled(*args):
+                raise RuntimeError("BackendCompilerFailed: injected\nsecond line")
+            return compiled
+
+        def broken_attention(*args, **kwargs):
+            raise RuntimeError("Illegal shared layout (injected)")
+        torch.compile, kernels.attention = broken_compile, broken_attention
+        try:
+            compiled, out = _quiet_main(dict(cfg, compile=True, out_dir=os.path.join(root, "compiled")))
+            assert "compile: failed (RuntimeError: BackendCompilerFailed: injected); continuing with eager ops" in out
+            fused, out = _quiet_main(dict(cfg, kernels=True, out_dir=os.path.join(root, "fused")))
+            assert "kernels: failed (RuntimeError: Illegal shared layout (injected)); continuing with the reference" in out
+        finally:
+            torch.compile, kernels.attention = compile_fn, attention
+        for run in (compiled, fused):
+            _pipeline_assert_same_params(plain["model"], run["model"])
+        assert _pipeline_rows(os.path.join(root, "plain")) == _pipeline_rows(os.path.join(root, "compiled"))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Faults, corrupt inputs and distributed training
 # ----------------------------------------------------------------------------------------------------
 

@@ -193,13 +193,14 @@ def check_resume(ckpt: dict, cfg: dict, flags: dict, path: str) -> None:
 
 
 def check_tokenizer_source(cfg: dict, source: dict | None, name: str) -> bpe.Tokenizer | None:
-    """Starting from other weights, tokenizer_dir must hold their tokenizer (an imported one is written there when the
-    directory has none: returned for writing once every check has passed)."""
+    """Starting from other weights, tokenizer_dir must hold their tokenizer to tokenize raw text (an imported one is
+    written there when the directory has none: returned for writing once every check has passed)."""
     if source is None:
         return None
     have = os.path.isfile(os.path.join(cfg["tokenizer_dir"], "vocab.json"))
+    raw_text = not all(cfg[key].endswith(".bin") for key in ("train_data", "val_data"))
     if source["tokenizer"] is None:  # a train.py checkpoint: its tokenizer directory is recorded
-        if not have:
+        if raw_text and not have:
             where = source["tokenizer_dir"] or "not found"
             raise ValueError(f"init_from={name}: tokenizer_dir={cfg['tokenizer_dir']!r} holds no tokenizer; set it "
                              f"to the one these weights were trained with ({where})")
