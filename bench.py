@@ -1,63 +1,63 @@
-"""Benchmark the training step: the fast path (bf16 autocast, torch.compile, kernels.py's fused ops, compiled AdamW)
-against the plain model, then KV-cache generation against recomputing the prefix, then the tokenizer.
+"""Benchmark what train.py runs: its training step under each setting of compile, kernels and dtype, then KV-cache
+generation against recomputing the prefix, then the tokenizer; `--gpu_check` is the first thing to run on a new GPU.
 
-    python bench.py                                   # the TinyStories model at batch 128 on CUDA
+    python bench.py                                   # the TinyStories model at batch 128 on CUDA, every path
     python bench.py --device=cpu --tiny               # a small model on CPU, in seconds
-    python bench.py --paths=fast --compile_mode=reduce-overhead   # the fast path with CUDA graphs
+    python bench.py --gpu_check                       # environment, kernel checks, timings, a 40 + 20 step resume
     python bench.py --help                            # every key
 
-Random tokens; each path gets a fresh model from the same seed, `burn_in` untimed steps (compilation happens there),
-then `steps` timed steps bracketed by synchronize (nanoGPT bench.py). On CUDA it first checks every kernel against
-its reference at the model's shapes, since Triton's CPU interpreter cannot run bf16 matmuls. The last stdout line is
-one JSON object with every figure.
+Each path is a train.py setting (PATHS) and runs train.py's own functions: build (model and AdamW), fast_path (the
+kernel preflight and torch.compile), first_step (compilation, with its fallbacks), then train_step on batches drawn
+as train.py draws them (step_batch) from random tokens on the device, at train.py's learning-rate schedule. `burn_in`
+untimed steps, then `steps` timed ones bracketed by synchronize (nanoGPT bench.py). The last stdout line is one JSON
+object with every figure.
 """
 import collections
 import json
 import os
-import sys
+import platform
+import shutil
+import subprocess
 import tempfile
 import time
-import traceback
 
+import numpy as np
 import torch
 
 import bpe
 import kernels
 import sample
 import train
-from configurator import configure
-from model import MODEL_KEYS, TransformerLM
-from optim import AdamW, clip_grad_norm
+from configurator import configure, run_cli
+from model import KERNEL_OPS, MODEL_KEYS, TransformerLM, model_config
 
 DEFAULTS = {
     **{key: train.DEFAULTS[key] for key in MODEL_KEYS},  # the TinyStories model (train.py's defaults)
-    **{key: train.DEFAULTS[key] for key in ("batch_size", "lr", "betas", "eps", "weight_decay", "grad_clip", "z_loss",
-                                            "seed")},
+    **{key: train.DEFAULTS[key] for key in ("batch_size", "grad_accum_steps", "lr", "betas", "eps", "weight_decay",
+                                            "grad_clip", "z_loss", "warmup_iters", "seed")},
     "device": "cuda",  # 'cuda' | 'cuda:1' | 'cpu'
-    "tiny": False,  # a 2-layer, 64-wide model at batch 4 with few steps and no compile: a smoke test in seconds
-    "paths": "fast,fast_attn_ce,compiled,reference",  # training paths to time, in order (see PATHS)
-    "burn_in": 10,  # untimed steps per path (torch.compile compiles here)
+    "tiny": False,  # a 2-layer, 64-wide model at batch 4 with few steps: a smoke test in seconds
+    "paths": "default,kernels,compiled,eager,reference",  # training paths to time, in order (see PATHS)
+    "burn_in": 10,  # untimed steps per path (torch.compile compiles in the first)
     "steps": 40,  # timed steps per path
-    "compile_mode": "default",  # torch.compile mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
-    "check": True,  # on CUDA, check each kernel (and the model's fast loss) against the reference first
+    "check": True,  # on CUDA, check each kernel (and the model's fused loss) against the reference first
+    "gpu_check": False,  # the first-GPU check: environment, kernel checks, every path, a 40-step run resumed to 60
     "generate_tokens": 200,  # tokens per generation timing (0 = skip); greedy, from a 16-token prompt
     "tok_train": "data/shakespeare_train.txt.gz:10000",  # FILE:VOCAB[,...] to train tokenizers on ('' = skip)
     "tok_encode_dir": "",  # tokenizer dir (vocab.json + merges.txt) to time encoding with; '' = the last one trained
     "tok_encode_text": "data/shakespeare_val.txt.gz",  # text to encode ('' = skip)
 }
 TINY = dict(vocab_size=512, context_length=64, d_model=64, num_layers=2, num_heads=4, d_ff=None, batch_size=4,
-            burn_in=2, steps=3, generate_tokens=40, tok_train="data/shakespeare_val.txt.gz:600")
+            burn_in=2, steps=3, generate_tokens=40, tok_train="data/shakespeare_val.txt.gz:600",
+            paths="default,eager,reference")  # no compile: Inductor on a CPU takes minutes
 
-# How each training path runs: `compile` wraps model.loss (and, with the 'compiled' optimizer, clipping and AdamW);
-# `kernels` names the ops model.use_kernels routes through kernels.py; `optimizer` is 'compiled'
-# (kernels.adamw_step_compiled), 'foreach' or 'loop' (optim.AdamW).
-ALL_OPS = ("rmsnorm", "swiglu", "attention", "cross_entropy")
+# Each path is what `python train.py --compile=.. --kernels=.. --dtype=..` runs; 'default' is train.py's defaults.
 PATHS = {
-    "fast": dict(bf16=True, compile=True, kernels=ALL_OPS, optimizer="compiled"),
-    "fast_attn_ce": dict(bf16=True, compile=True, kernels=("attention", "cross_entropy"), optimizer="compiled"),
-    "kernels": dict(bf16=True, compile=False, kernels=ALL_OPS, optimizer="compiled"),  # eager: the kernels alone
-    "compiled": dict(bf16=True, compile=True, kernels=(), optimizer="foreach"),  # train.py --compile=True today
-    "reference": dict(bf16=False, compile=False, kernels=(), optimizer="loop"),  # the plain model in float32
+    "default": dict(compile="auto", kernels="auto", dtype="auto"),  # on CUDA: compiled, kernels that pass, bf16
+    "kernels": dict(compile=True, kernels=True, dtype="auto"),  # every fused op, compiled
+    "compiled": dict(compile=True, kernels=False, dtype="auto"),  # torch.compile over the reference ops
+    "eager": dict(compile=False, kernels=False, dtype="auto"),  # the reference ops, eager, in 16-bit autocast
+    "reference": dict(compile=False, kernels=False, dtype="float32"),  # the plain model in float32
 }
 
 
@@ -71,89 +71,55 @@ def new_model(cfg: dict, device: torch.device) -> TransformerLM:
     return TransformerLM(**{key: cfg[key] for key in MODEL_KEYS}, device=device)
 
 
-def compiled_adamw(groups: list[tuple[list[torch.Tensor], float]], cfg: dict, device: torch.device, compiled: bool):
-    """AdamW through kernels.adamw_step(_compiled): moments as tensor lists, t and lr as 0-D device tensors that
-    change in place, so the compiled step never recompiles. Returns step(lr)."""
-    adamw_step = kernels.adamw_step_compiled if compiled else kernels.adamw_step
-    state = [(params, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params], wd)
-             for params, wd in groups]
-    t, lr_t = torch.zeros((), device=device), torch.zeros((), device=device)
-
-    def step(lr: float) -> None:
-        t.add_(1)
-        lr_t.fill_(lr)
-        for params, exp_avgs, exp_avg_sqs, wd in state:
-            adamw_step(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, t, lr_t, *cfg["betas"], cfg["eps"], wd)
-
-    return step
-
-
-def make_optimizer(model: TransformerLM, cfg: dict, kind: str, device: torch.device, compiled: bool):
-    """step(lr) for the optimizer kind; matrices decay, norm gains do not (as in train.py)."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    gains = [p for p in model.parameters() if p.dim() < 2]
-    if kind == "compiled":
-        return compiled_adamw([(ps, wd) for ps, wd in ((matrices, cfg["weight_decay"]), (gains, 0.0)) if ps], cfg,
-                              device, compiled)
-    groups = [g for g in ({"params": matrices}, {"params": gains, "weight_decay": 0.0}) if g["params"]]
-    optimizer = AdamW(groups, lr=cfg["lr"], betas=cfg["betas"], eps=cfg["eps"], weight_decay=cfg["weight_decay"],
-                      foreach=kind == "foreach")
-
-    def step(lr: float) -> None:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-
-    return step
-
-
 def peak_memory_gb(device: torch.device) -> float | None:
     """Peak allocated memory in GB (10^9 bytes, the peer's unit); None off CUDA."""
     return round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
 
 
-def bench_training(cfg: dict, path: str, device: torch.device) -> dict:
-    """Time `steps` training steps (forward, backward, clip, AdamW) of one path on a fixed random batch."""
-    spec = PATHS[path]
+def path_config(cfg: dict, path: str) -> dict:
+    """The train.py config a path runs: bench's model and optimizer keys, the path's settings, train.py's defaults."""
+    shared = {k: cfg[k] for k in DEFAULTS if k in train.DEFAULTS}
+    steps = cfg["burn_in"] + cfg["steps"]  # the schedule of a run at least as long as the warm-up
+    return train.check_config({**train.DEFAULTS, **shared, **PATHS[path], "max_iters": steps,
+                               "cosine_iters": max(steps, cfg["warmup_iters"])})
+
+
+def bench_training(cfg: dict, path: str, device: torch.device, tokens: torch.Tensor | None = None) -> dict:
+    """Time `steps` of train.py's training step (after `burn_in`) on one path, from a fresh model of `seed`, on
+    random tokens on the device (or `tokens`: a 1-D int tensor) gathered as train.py gathers them."""
+    tcfg = path_config(cfg, path)
     if device.type == "cuda":  # peak over the whole path, compilation included, as the peer measures it
         torch.cuda.reset_peak_memory_stats(device)
-    model = new_model(cfg, device)
-    model.use_kernels(spec["kernels"])
-    compiled = spec["compile"] and cfg["compile_enabled"]
-    loss_fn = torch.compile(model.loss, dynamic=False, mode=cfg["compile_mode"]) if compiled else model.loss
-    optimizer_step = make_optimizer(model, cfg, spec["optimizer"], device, compiled)
-    params = list(model.parameters())
-    compile_step = compiled and spec["optimizer"] == "compiled"
-    clip = torch.compile(clip_grad_norm, dynamic=False) if compile_step else clip_grad_norm
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"])
-    tokens = torch.randint(0, cfg["vocab_size"], (cfg["batch_size"], cfg["context_length"] + 1), device=device,
-                           generator=torch.Generator(device).manual_seed(cfg["seed"]))
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    say = lambda line: print(f"  {path}: {line}")
+    dtype, _ = train.pick_dtype(tcfg["dtype"], device)
+    model, optimizer = train.build(tcfg, model_config(**{k: tcfg[k] for k in MODEL_KEYS}), device)
+    loss_fn = train.fast_path(model, tcfg, device, dtype, say)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = train.LossScaler(dtype == torch.float16)
+    if tokens is None:
+        generator = torch.Generator(device).manual_seed(cfg["seed"])
+        tokens = torch.randint(0, cfg["vocab_size"], (1 << 20,), device=device, generator=generator, dtype=torch.int32)
+    x, y = train.step_batch(tokens, tcfg, 0, 0, device)
+    loss_fn, first_s = train.first_step(model, loss_fn, x, y, tcfg, dtype, say)
 
-    def step() -> torch.Tensor:
-        with autocast:
-            ce, z = loss_fn(x, y)
-        (ce + cfg["z_loss"] * z if cfg["z_loss"] else ce).backward()
-        clip(params, cfg["grad_clip"] or float("inf"))
-        optimizer_step(cfg["lr"])
-        model.zero_grad(set_to_none=True)
-        return ce.detach()
+    def step(i: int) -> torch.Tensor:
+        x, y = train.step_batch(tokens, tcfg, 0, i, device)
+        return train.train_step(model, loss_fn, optimizer, x, y, train.lr_at(i, tcfg), tcfg, autocast, scaler, 1)
 
-    first_loss = float(step())
-    for _ in range(cfg["burn_in"] - 1):
-        step()
+    stats = [step(i) for i in range(cfg["burn_in"])]
     synchronize(device)
     t0 = time.perf_counter()
-    for _ in range(cfg["steps"]):
-        loss = step()
+    stats += [step(i) for i in range(cfg["burn_in"], cfg["burn_in"] + cfg["steps"])]
     synchronize(device)
     dt = (time.perf_counter() - t0) / cfg["steps"]
-    tokens_per_s = cfg["batch_size"] * cfg["context_length"] / dt
+    losses = torch.stack(stats)[:, 0].tolist()
+    tokens_per_s = cfg["batch_size"] * cfg["grad_accum_steps"] * cfg["context_length"] / dt
     mfu = tokens_per_s * cfg["train_flops_per_token"] / cfg["peak"] if cfg["peak"] else 0.0
-    return {"path": path, **spec, "kernels": ",".join(spec["kernels"]), "compile": compiled,
-            "ms_per_step": round(1000 * dt, 2), "tokens_per_s": round(tokens_per_s), "mfu": round(mfu, 4),
-            "peak_mem_gb": peak_memory_gb(device), "first_loss": round(first_loss, 4),
-            "last_loss": round(float(loss), 4)}
+    fused = sorted({type(m).__name__ for m in model.modules() if getattr(m, "fast", False)})
+    return {"path": path, **PATHS[path], "dtype": str(dtype)[6:], "compiled": loss_fn != model.loss,
+            "fused": ",".join(fused), "first_step_s": round(first_s, 2), "ms_per_step": round(1000 * dt, 2),
+            "tokens_per_s": round(tokens_per_s), "mfu": round(mfu, 4), "peak_mem_gb": peak_memory_gb(device),
+            "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4), "losses": losses}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,7 +188,7 @@ def check_model(cfg: dict, device: torch.device, batch: int) -> bool:
     autocast from the same weights and batch."""
     tokens = torch.randint(0, cfg["vocab_size"], (batch, cfg["context_length"] + 1), device=device)
     results = []
-    for ops in (ALL_OPS, ()):
+    for ops in (KERNEL_OPS, ()):
         model = new_model(cfg, device).use_kernels(ops)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             ce, z = model.loss(tokens[:, :-1], tokens[:, 1:])
@@ -363,8 +329,90 @@ def model_facts(cfg: dict, device: torch.device) -> dict:
             "train_flops_per_token": 3 * model.flops_per_token(), "peak": train.peak_flops(device, torch.bfloat16)}
 
 
+def time_paths(cfg: dict, paths: list[str], device: torch.device) -> list[dict]:
+    """bench_training on each path; a path that fails is reported with its one-line error and the rest still run."""
+    runs = []
+    for path in paths:
+        try:
+            run = bench_training(cfg, path, device)
+        except Exception as e:  # report a broken path and keep timing the others
+            run = {"path": path, "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]}
+            print(f"{path:>10}: FAIL {run['error']}")
+        else:
+            print(f"{path:>10}: {run['ms_per_step']:8.2f} ms/step | {run['tokens_per_s']:>12,} tok/s | "
+                  f"MFU {run['mfu']:.1%} | {run['dtype']}, {'compiled' if run['compiled'] else 'eager'}, fused: "
+                  f"{run['fused'] or '-'} | first step {run['first_step_s']} s | peak mem {run['peak_mem_gb']} GB | "
+                  f"loss {run['first_loss']} -> {run['last_loss']}")
+        runs.append(run)
+        torch._dynamo.reset()  # each path compiles from scratch and frees the last one's graphs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The first-GPU check: what the machine has, every kernel against its reference, every path, and train.py itself
+# ----------------------------------------------------------------------------------------------------------------
+
+def environment() -> dict:
+    """torch, CUDA, driver, Triton and the C compiler plus Python.h that Triton needs to build its launcher."""
+    driver = "n/a"
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        try:
+            driver = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            driver = "unknown"
+    include = __import__("sysconfig").get_paths()["include"]
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "driver": driver,
+            "triton": getattr(kernels.triton, "__version__", None), "cc": shutil.which(os.environ.get("CC", "cc")),
+            "python_h": os.path.isfile(os.path.join(include, "Python.h"))}
+
+
+def resume_check(cfg: dict, device: torch.device, root: str) -> bool:
+    """train.py with compile and kernels on random tokens: 40 steps, then resumed to 60, equals 60 in one go."""
+    for split, n in (("train", 1 << 20), ("val", 1 << 16)):
+        np.random.default_rng(len(split)).integers(0, cfg["vocab_size"], n).astype("<u2").tofile(f"{root}/{split}.bin")
+    run = {**path_config(cfg, "kernels"), "device": str(device), "train_data": f"{root}/train.bin",
+           "val_data": f"{root}/val.bin", "tokenizer_dir": f"{root}/tok", "eval_interval": 20, "log_interval": 10,
+           "eval_tokens": 16 * cfg["context_length"], "warmup_iters": 10, "max_iters": 60, "cosine_iters": 60}
+    whole = train.main({**run, "out_dir": f"{root}/whole"})
+    train.main({**run, "out_dir": f"{root}/split", "max_iters": 40})
+    resumed = train.main({**run, "out_dir": f"{root}/split", "resume": True})
+    same = all(torch.equal(a, b) for a, b in zip(whole["model"].state_dict().values(),
+                                                 resumed["model"].state_dict().values()))
+    return same and whole["status"] == resumed["status"] == "done" and resumed["step"] == 60
+
+
+def gpu_check(cfg: dict, device: torch.device) -> dict:
+    """Every check, one PASS/FAIL line each; the JSON summary is the last line bench.py prints."""
+    results = {}
+
+    def check(name: str, ok: bool, detail: str = "") -> None:
+        results[name] = bool(ok)
+        print(f"{'PASS' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
+
+    env = environment()
+    check("environment", device.type == "cuda" and env["triton"] and env["cc"] and env["python_h"],
+          ", ".join(f"{k} {v}" for k, v in env.items()))
+    try:
+        check("kernels against their references", check_kernels(cfg, device))
+    except Exception as e:  # check_kernels reports each kernel itself; this is a failure around them
+        check("kernels against their references", False, f"{type(e).__name__}: {str(e)[:200]}")
+    runs = time_paths(cfg, list(PATHS), device)
+    for run in runs:
+        check(f"path {run['path']}", "error" not in run, run.get("error", f"{run.get('ms_per_step')} ms/step"))
+    with tempfile.TemporaryDirectory() as root:
+        try:
+            check("train.py 40 steps, resumed to 60, equals 60 in one go", resume_check(cfg, device, root))
+        except Exception as e:
+            check("train.py 40 steps, resumed to 60, equals 60 in one go", False, f"{type(e).__name__}: {e}"[:300])
+    return {"environment": env, "checks": results, "training": runs, "ok": all(results.values())}
+
+
 def main(argv: list[str]) -> dict:
-    argv = ["--tiny=True" if arg == "--tiny" else arg for arg in argv]  # the one bare flag
+    argv = ["--tiny=True" if arg == "--tiny" else "--gpu_check=True" if arg == "--gpu_check" else arg for arg in argv]
     cfg = configure(DEFAULTS, argv)
     if cfg["tiny"]:
         cfg.update({k: v for k, v in TINY.items() if f"--{k}=" not in " ".join(argv)})
@@ -376,31 +424,18 @@ def main(argv: list[str]) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores, as the peer does
-    cfg["compile_enabled"] = device.type == "cuda" and not cfg["tiny"]  # Inductor on CPU needs minutes and a compiler
     cfg.update(model_facts(cfg, device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name} | torch {torch.__version__} | triton kernels {'on' if kernels.available() else 'off'} | "
-          f"batch {cfg['batch_size']} x {cfg['context_length']} | {cfg['train_flops_per_token'] / 1e6:.1f} "
-          f"MFLOPs/token (training) | peak {cfg['peak'] / 1e12:.0f} TFLOP/s bf16")
+          f"batch {cfg['batch_size']} x {cfg['grad_accum_steps']} x {cfg['context_length']} | "
+          f"{cfg['train_flops_per_token'] / 1e6:.1f} MFLOPs/token (training) | peak {cfg['peak'] / 1e12:.0f} TFLOP/s bf16")
     result = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "config": {k: cfg[k] for k in DEFAULTS}}
+    if cfg["gpu_check"]:
+        return {**result, **gpu_check(cfg, device)}
     if cfg["check"] and device.type == "cuda":
         result["checks_ok"] = check_kernels(cfg, device)
-    result["training"] = []
-    for path in paths:
-        try:
-            run = bench_training(cfg, path, device)
-        except Exception as e:  # report a broken path and keep timing the others
-            traceback.print_exc()
-            run = {"path": path, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-        else:
-            print(f"{path:>12}: {run['ms_per_step']:8.2f} ms/step | {run['tokens_per_s']:>12,} tok/s | "
-                  f"MFU {run['mfu']:.1%} | peak mem {run['peak_mem_gb']} GB | loss {run['first_loss']} -> "
-                  f"{run['last_loss']}")
-        result["training"].append(run)
-        torch._dynamo.reset()  # each path compiles from scratch and frees the last one's graphs
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    result["training"] = time_paths(cfg, paths, device)
     if cfg["generate_tokens"]:
         result["generation"] = bench_generation(cfg, device)
         gen = result["generation"]["tokens_per_s"]
@@ -411,9 +446,14 @@ def main(argv: list[str]) -> dict:
     return result
 
 
+def cli(argv: list[str]) -> int:
+    """Print every figure as one JSON line (per-step losses left out); exit 1 when a --gpu_check check failed."""
+    result = main(argv)
+    for run in result.get("training", []):
+        run.pop("losses", None)
+    print(json.dumps(result))
+    return 0 if result.get("ok", True) else 1
+
+
 if __name__ == "__main__":
-    try:
-        print(json.dumps(main(sys.argv[1:])))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(cli)

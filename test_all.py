@@ -2098,7 +2098,7 @@ def test_faults_owt_configs_train_on_a_small_slice():
         shrink = {"train_data": f"{root}/owt_train.txt", "val_data": f"{root}/owt_valid.txt",
                   "tokenizer_dir": f"{root}/tok", "vocab_size": 300, "d_model": 32, "num_layers": 2, "num_heads": 4,
                   "d_ff": 64, "context_length": 32, "batch_size": 4, "max_iters": 3, "warmup_iters": 1,
-                  "cosine_iters": 3, "eval_interval": 3, "eval_tokens": 0, "device": "cpu", "compile": False}
+                  "cosine_iters": 3, "eval_interval": 3, "eval_tokens": 128, "device": "cpu", "compile": False}
         full = {}
         for name in ("owt", "owt_leaderboard"):
             path = os.path.join(repo, "config", name + ".py")
@@ -2575,19 +2575,48 @@ def test_kernels_train_key_runs_the_fused_ops_with_the_same_losses():
 
 
 def test_kernels_bench_tiny_cpu():
-    """bench.py end to end on CPU: the bf16 path and the float32 reference start from the same loss, and KV-cache
-    decoding gives the tokens recomputation gives; the tokenizer section trains to the asked vocab size."""
+    """bench.py end to end on CPU: train.py's default path and the float32 reference start from the same loss, and
+    KV-cache decoding gives the tokens recomputation gives; the tokenizer section trains to the asked vocab size."""
     val_text = os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "data", "shakespeare_val.txt.gz")
-    result = bench.main(["--device=cpu", "--tiny", "--paths=compiled,reference", "--burn_in=1", "--steps=1",
-                         "--batch_size=2", "--generate_tokens=8", f"--tok_train={val_text}:300",
-                         f"--tok_encode_text={val_text}"])
-    bf16, fp32 = result["training"]
-    assert bf16["path"] == "compiled" and fp32["path"] == "reference" and bf16["tokens_per_s"] > 0
-    assert abs(bf16["first_loss"] - fp32["first_loss"]) < 2e-2 * fp32["first_loss"], (bf16, fp32)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = bench.main(["--device=cpu", "--tiny", "--paths=default,reference", "--burn_in=1", "--steps=1",
+                             "--batch_size=2", "--generate_tokens=8", f"--tok_train={val_text}:300",
+                             f"--tok_encode_text={val_text}"])
+    default, fp32 = result["training"]
+    assert default["path"] == "default" and fp32["path"] == "reference" and default["tokens_per_s"] > 0
+    assert default["first_loss"] == fp32["first_loss"] and not default["compiled"]  # on a CPU 'auto' is eager fp32
     assert result["generation"]["tokens_per_s"]["identical"]
     (trained,), encoded = result["tokenizer"]["training"], result["tokenizer"]["encoding"]
     assert trained["vocab_size"] == 300 and trained["count_mb_s"] > 0 and trained["merge_s"] >= 0
     assert 1.0 < encoded["bytes_per_token"] < 4.0 and encoded["encode_file_mb_s"] > 0  # 44 merges: short tokens
+
+
+def test_bench_times_the_step_train_py_runs():
+    """A bench path is a train.py setting: its per-step losses are those train.py logs with the same settings and
+    tokens (read back from log.csv's debiased moving average), with accumulation and the schedule's warm-up."""
+    cpu = torch.device("cpu")
+    cfg = {**bench.DEFAULTS, **bench.TINY, "device": "cpu", "burn_in": 2, "steps": 4, "warmup_iters": 3,
+           "batch_size": 2, "grad_accum_steps": 2}
+    cfg.update(bench.model_facts(cfg, cpu))
+    tokens = torch.randint(0, cfg["vocab_size"], (4000,), generator=torch.Generator().manual_seed(0)).int()
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = bench.bench_training(cfg, "reference", cpu, tokens)
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "tokens.bin")
+        tokens.numpy().astype("<u2").tofile(path)
+        tcfg = dict(bench.path_config(cfg, "reference"), train_data=path, val_data=path, log_interval=1,
+                    out_dir=os.path.join(root, "out"), tokenizer_dir=os.path.join(root, "tok"), eval_tokens=64)
+        _quiet_main(tcfg)
+        with open(os.path.join(root, "out", "log.csv"), newline="") as f:
+            logged = [float(r["train_loss"]) for r in csv.DictReader(f) if r["train_loss"]]
+    beta, ema, raw = train.EMA_BETA, 0.0, []
+    for t, value in enumerate(logged, start=1):
+        new_ema = value * (1 - beta**t)
+        raw.append((new_ema - beta * ema) / (1 - beta))
+        ema = new_ema
+    assert len(raw) == len(run["losses"]) == 6
+    for got, want in zip(run["losses"], raw):
+        assert math.isclose(got, want, rel_tol=1e-4), (run["losses"], raw)
 
 
 # ----------------------------------------------------------------------------------------------------
