@@ -10,7 +10,7 @@ context_length = 128
 d_model = 128
 num_layers = 4
 num_heads = 4
-d_ff = None  # 384: 8/3 d_model rounded up to a multiple of 64
+d_ff = 384  # 8/3 d_model rounded up to a multiple of 64 (d_ff=None would give the nearest multiple, 320)
 
 lr = 3e-3  # decays to lr / 10 (min_lr_ratio)
 warmup_iters = 20
