@@ -71,8 +71,9 @@ def read_safetensors(path: str) -> dict[str, Tensor]:
             dtype = DTYPES[h["dtype"]]
             if not 0 <= start <= end <= len(raw) - 8 - n or end - start != count * dtype.itemsize:
                 raise ValueError(f"tensor {name} has data_offsets {start, end} that do not fit its shape or the file")
-            data = torch.frombuffer(bytearray(raw[8 + n + start:8 + n + end]), dtype=torch.uint8)
-            tensors[name] = data.view(dtype).reshape(h["shape"])
+            data = bytearray(raw[8 + n + start:8 + n + end])  # a writable copy of the tensor's bytes
+            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(h["shape"])
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
                          "download or export it again") from None
