@@ -2493,10 +2493,10 @@ def test_hf_export_import_round_trip_is_bitwise():
         assert not [n for n in os.listdir(tmp) if n.startswith(".")]  # no temporary directory left behind
 
 
-def test_hf_safetensors_writer_against_handwritten_reader_and_package():
-    """Our writer's file, read by a header reader written here (always) and by the safetensors package (if installed):
-    8-byte length, JSON header with dtype/shape/data_offsets, 8-aligned data, tensors back to the bit; tied or sliced
-    tensors are written as their own bytes. A truncated or garbled file is one ValueError."""
+def test_hf_safetensors_writer_against_a_handwritten_reader():
+    """Our writer's file, read by a header reader written here: 8-byte length, JSON header with dtype/shape/data_offsets,
+    8-aligned data, tensors back to the bit; tied or sliced tensors are written as their own bytes. A truncated file is
+    one ValueError naming it."""
     base = torch.randn(6, 4)
     tensors = {"a": base, "tied": base, "slice": base[:, 1], "bf": torch.randn(3, 5).bfloat16(),
                "half": torch.randn(7).half(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
@@ -2521,52 +2521,72 @@ def test_hf_safetensors_writer_against_handwritten_reader_and_package():
         assert all(torch.equal(ours[k], v) and ours[k].dtype == v.dtype for k, v in tensors.items())
         with open(os.path.join(tmp, "cut.safetensors"), "wb") as f:
             f.write(raw[:-3])
-        for bad in ("cut.safetensors",):
-            try:
-                hf.read_safetensors(os.path.join(tmp, bad))
-                raise AssertionError("a truncated file was read")
-            except ValueError as e:
-                assert "cut.safetensors" in str(e) and "\n" not in str(e)
         try:
-            safetensors_torch = importlib.import_module("safetensors.torch")
-        except ImportError:
-            return  # the hand-written reader above is the check without the package
-        theirs = safetensors_torch.load_file(path)
+            hf.read_safetensors(os.path.join(tmp, "cut.safetensors"))
+            raise AssertionError("a truncated file was read")
+        except ValueError as e:
+            assert "cut.safetensors" in str(e) and "\n" not in str(e)
+
+
+def test_hf_safetensors_writer_read_by_the_safetensors_package():
+    """The safetensors package reads our writer's file to the same tensors, and ours reads the package's file."""
+    safetensors_torch, = _hf_need("safetensors.torch")
+    tensors = {"w": torch.randn(5, 3), "b": torch.randn(4).bfloat16(), "h": torch.randn(2, 2).half(), "s": torch.tensor(1.0)}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.write_safetensors(os.path.join(tmp, "ours.safetensors"), tensors)
+        theirs = safetensors_torch.load_file(os.path.join(tmp, "ours.safetensors"))
         assert theirs.keys() == tensors.keys() and all(torch.equal(theirs[k], v) for k, v in tensors.items())
+        safetensors_torch.save_file(tensors, os.path.join(tmp, "theirs.safetensors"))
+        back = hf.read_safetensors(os.path.join(tmp, "theirs.safetensors"))
+        assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+
+
+def _hf_gpt2_layout_tokenizer(tmp: str) -> bpe.Tokenizer:
+    """vocab.json + merges.txt laid out as GPT-2's own (bytes in its byte-to-unicode order, <|endoftext|> last), written
+    here: GPT-2's real files are not in the repository and tests download nothing."""
+    b2u = _bpe_byte_to_unicode()
+    merges = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he"), (b"\xf0", b"\x9f"), (b"\n", b"\n"), (b" ", b" ")]
+    tokens = [bytes([b]) for b in b2u] + [a + b for a, b in merges] + [_BPE_EOT.encode()]
+    spell = lambda t: "".join(b2u[c] for c in t)
+    with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({spell(t): i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{spell(a)} {spell(b)}\n" for a, b in merges))
+    tok = bpe.load_tokenizer(tmp)
+    assert tok.special_ids[_BPE_EOT] == 262
+    return tok
+
+
+def _hf_tokenizer_files(tmp: str):
+    """(tokenizer, its tokenizer.json path) for a trained tokenizer and a GPT-2-layout one."""
+    for name, tok in (("trained", _hf_tokenizer(tmp)), ("gpt2", _hf_gpt2_layout_tokenizer(tmp))):
+        path = os.path.join(tmp, f"{name}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(hf.tokenizer_json(tok), f, ensure_ascii=False)
+        yield tok, path
+
+
+def test_hf_tokenizer_json_round_trips_to_the_same_tokenizer():
+    """read_tokenizer_json(tokenizer_json(tok)) is tok again: vocab, merges and special ids (trained and GPT-2 layout)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for tok, path in _hf_tokenizer_files(tmp):
+            back = hf.read_tokenizer_json(path)
+            assert back.vocab == tok.vocab and back.merges == tok.merges and back.special_ids == tok.special_ids
+            assert all(back.encode(text) == tok.encode(text) for text in _HF_TEXTS)
 
 
 def test_hf_tokenizer_json_gives_our_ids_in_tokenizers():
-    """tokenizer.json of a trained tokenizer and of a GPT-2-layout one (bytes in GPT-2's order, <|endoftext|> last,
-    files written here as GPT-2's are laid out): the tokenizers package gives exactly our ids on unicode, emoji,
-    whitespace runs and specials, and read_tokenizer_json turns the file back into the same Tokenizer."""
-    b2u = _bpe_byte_to_unicode()
-    gpt2_merges = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he"), (b"\xf0", b"\x9f"), (b"\n", b"\n"), (b" ", b" ")]
-    gpt2_tokens = [bytes([b]) for b in b2u] + [a + b for a, b in gpt2_merges] + [_BPE_EOT.encode()]
+    """The tokenizers package, given our tokenizer.json (trained and GPT-2 layout), gives exactly our ids and text back
+    on unicode, emoji, whitespace runs (trailing spaces, blank lines, tabs, unusual spaces) and special tokens."""
+    tokenizers, = _hf_need("tokenizers")
+    rng = random.Random(0)
+    texts = _HF_TEXTS + [_bpe_random_unicode(rng, 200) for _ in range(5)]
     with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump({"".join(b2u[c] for c in t): i for i, t in enumerate(gpt2_tokens)}, f, ensure_ascii=False)
-        with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "".join(" ".join("".join(b2u[c] for c in t) for t in m) + "\n"
-                                                 for m in gpt2_merges))
-        gpt2 = bpe.load_tokenizer(tmp)
-        assert gpt2.special_ids[_BPE_EOT] == 262
-        rng = random.Random(0)
-        texts = _HF_TEXTS + [_bpe_random_unicode(rng, 200) for _ in range(5)]
-        for tok in (_hf_tokenizer(tmp), gpt2):
-            path = os.path.join(tmp, "tokenizer.json")
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(hf.tokenizer_json(tok), f, ensure_ascii=False)
-            back = hf.read_tokenizer_json(path)
-            assert back.vocab == tok.vocab and back.merges == tok.merges and back.special_ids == tok.special_ids
-            try:
-                tokenizers = importlib.import_module("tokenizers")
-            except ImportError:
-                continue
+        for tok, path in _hf_tokenizer_files(tmp):
             theirs = tokenizers.Tokenizer.from_file(path)
             for text in texts:
                 assert theirs.encode(text).ids == tok.encode(text), text
                 assert theirs.decode(tok.encode(text), skip_special_tokens=False) == text
-    _hf_need("tokenizers")  # the file checks above ran; say that the package comparison did not
 
 
 def test_hf_import_transformers_llama_and_qwen3():
