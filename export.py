@@ -13,7 +13,7 @@ import bpe
 import hf
 import train
 from configurator import configure
-from model import TransformerLM
+from model import model_config
 
 DEFAULTS = {
     "out_dir": train.DEFAULTS["out_dir"],  # directory holding ckpt.pt (written by train.py)
@@ -48,11 +48,10 @@ def main(argv: list[str]) -> None:
     t0 = time.perf_counter()
     ckpt = train.read_checkpoint(ckpt_path)
     try:
-        model = TransformerLM(**ckpt["model_config"])
+        hf.check_exportable(model_config(**ckpt["model_config"]))  # refuse unsupported flags before building anything
     except TypeError as e:
         raise ValueError(f"{ckpt_path} does not fit this model.py ({e})") from None
-    hf.check_exportable(model.config)  # refuse unsupported flags before reading anything else
-    train.load_checkpoint(ckpt, model, None)
+    model = hf.build_model(ckpt["model_config"], ckpt["model"], f"the weights in {ckpt_path}")
     hf.save_pretrained(model, checkpoint_tokenizer(ckpt, ckpt_path), cfg["to"], cfg["dtype"], cfg["force"])
     size = os.path.getsize(os.path.join(cfg["to"], "model.safetensors"))
     print(f"wrote {cfg['to']} ({hf.hf_config(model.config, None)['architectures'][0]}, {cfg['dtype']}, "

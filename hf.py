@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 import bpe
-from model import RMSNorm, TransformerLM, model_config
+from model import RMSNorm, RotaryPositionalEmbedding, TransformerLM, model_config
 
 RMS_EPS = 1e-5  # model.py's RMSNorm default, used by every norm of TransformerLM
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -360,9 +360,25 @@ def set_norm_eps(model: TransformerLM, eps: float) -> TransformerLM:
     return model
 
 
+def build_model(cfg: dict, state_dict: dict[str, Tensor], where: str = "the weights") -> TransformerLM:
+    """TransformerLM(**cfg) holding state_dict's tensors, without the cost of a random init: built on the meta device,
+    the weights assigned (keys and shapes checked), the RoPE tables (buffers outside the state dict) made anew."""
+    try:
+        model = TransformerLM(**cfg, device="meta")
+        model.load_state_dict(state_dict, assign=True)
+    except (RuntimeError, TypeError) as e:
+        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[-1:])  # the line naming the keys
+        raise ValueError(f"{where} do not fit this model.py: {reason[:300]}") from None
+    d_head = cfg["d_model"] // cfg["num_heads"]
+    rope = RotaryPositionalEmbedding(cfg["rope_theta"], d_head, cfg["context_length"], device=model.token_embeddings.weight.device)
+    for layer in model.layers:
+        if layer.attn.rope is not None:
+            layer.attn.rope = rope
+    return model
+
+
 def load_pretrained(path: str, device=None) -> tuple[TransformerLM, bpe.Tokenizer | None]:
     """A local HF Llama/Qwen3 directory as our TransformerLM (float32, eval mode) and its tokenizer (None if absent)."""
     pretrained = read_pretrained(path)
-    model = TransformerLM(**pretrained["model_config"])
-    model.load_state_dict(pretrained["state_dict"])
+    model = build_model(pretrained["model_config"], pretrained["state_dict"], path)
     return set_norm_eps(model, pretrained["rms_norm_eps"]).to(device or "cpu").eval(), pretrained["tokenizer"]

@@ -2679,6 +2679,11 @@ def test_hf_bad_inputs_one_line_errors():
         run = cli(f"--out_dir={out_dir}", f"--to={to}")
         assert run.returncode == 2 and "--force=True" in run.stderr and run.stderr.count("\n") == 1, run.stderr
         assert os.listdir(to) == ["keep.txt"]
+        ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+        del ckpt["model"]["layers.1.ffn.w2.weight"]
+        torch.save(ckpt, os.path.join(root, "ckpt.pt"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert "layers.1.ffn.w2.weight" in _hf_error(export.main, [f"--out_dir={root}", f"--to={root}/y"])
         with open(os.path.join(root, "ckpt.pt"), "wb") as f:
             f.write(b"PK\x03\x04 not a checkpoint")
         with contextlib.redirect_stdout(io.StringIO()):
