@@ -14,7 +14,9 @@ import os
 import shutil
 import struct
 import sys
+from itertools import chain
 
+import regex
 import torch
 from torch import Tensor
 
@@ -277,24 +279,42 @@ def _read_weights(path: str) -> dict[str, Tensor]:
     return tensors
 
 
-def _check_pre_tokenizer(pre: dict | None, where: str) -> None:
-    """Accept GPT-2's pre-tokenizer: ByteLevel with its regex, or Split(GPT-2's regex) then ByteLevel without one."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
+def _check_pre_tokenizer(pre: dict | None, where: str) -> bool:
+    """Accept GPT-2's pre-tokenizer (ByteLevel with its regex, or Split(GPT-2's regex) then ByteLevel without one),
+    optionally after Digits(individual_digits=True); returns whether digits are split off one by one."""
+    given = list(pre.get("pretokenizers", [])) if pre and pre.get("type") == "Sequence" else [pre]
+    digits = bool(given) and (given[0] or {}).get("type") == "Digits" and bool(given[0].get("individual_digits"))
+    steps = given[1:] if digits else given
     split = steps[0] if len(steps) == 2 and (steps[0] or {}).get("type") == "Split" else None
     pattern = (split or {}).get("pattern", {}).get("Regex")
     ok_split = split is None or (pattern in (GPT2_PATTERN, bpe.PAT.pattern) and split.get("behavior") == "Isolated"
                                  and not split.get("invert"))
-    level = steps[-1] or {}
+    level = (steps or [None])[-1] or {}
     ok_level = (len(steps) == (2 if split else 1) and level.get("type") == "ByteLevel"
                 and not level.get("add_prefix_space") and level.get("use_regex", True) == (split is None))
     if not (ok_split and ok_level):
-        kinds = "+".join(str((s or {}).get("type")) for s in steps)
-        raise ValueError(f"{where}: pre_tokenizer {kinds} is not GPT-2's byte-level pattern, the one bpe.Tokenizer "
-                         "implements; such a model's tokenizer cannot be used here")
+        kinds = "+".join(str((step or {}).get("type")) for step in given)
+        raise ValueError(f"{where}: pre_tokenizer {kinds} is not GPT-2's byte-level pattern (optionally after "
+                         "single digits), the one bpe.Tokenizer implements; such a tokenizer cannot be used here")
+    return digits
+
+
+class DigitsTokenizer(bpe.Tokenizer):
+    """bpe.Tokenizer that first cuts every digit off on its own, as HF's Digits(individual_digits=True) pre-tokenizer
+    does before GPT-2's pattern (SmolLM2's tokenizer): "in 2024" -> "in", " ", "2", "0", "2", "4"."""
+
+    DIGIT = regex.compile(r"(\p{N})")  # Rust's char::is_numeric, which HF's Digits tests, is \p{N}
+
+    def _encode_segment(self, segment: str) -> tuple[int, ...]:
+        pieces = [p for p in self.DIGIT.split(segment) if p]
+        if len(pieces) == 1:
+            return super()._encode_segment(segment)
+        return tuple(chain.from_iterable(map(self._cache.__getitem__, pieces)))
 
 
 def read_tokenizer_json(path: str) -> bpe.Tokenizer:
-    """Our Tokenizer for an HF tokenizer.json that is byte-level BPE with GPT-2's pre-tokenizer (same ids)."""
+    """Our Tokenizer for an HF tokenizer.json that is byte-level BPE with GPT-2's pre-tokenizer (same ids); a
+    DigitsTokenizer when the pre-tokenizer first splits off single digits."""
     tj = _read_json(path)
     m = tj.get("model") or {}
     if m.get("type") != "BPE":
@@ -305,7 +325,7 @@ def read_tokenizer_json(path: str) -> bpe.Tokenizer:
     if tj.get("normalizer") or any(flags.values()):
         what = ", ".join(f"{k}={v!r}" for k, v in {"normalizer": tj.get("normalizer"), **flags}.items() if v)
         raise ValueError(f"{path}: {what} is not supported; bpe.Tokenizer is plain byte-level BPE")
-    _check_pre_tokenizer(tj.get("pre_tokenizer"), path)
+    digits = _check_pre_tokenizer(tj.get("pre_tokenizer"), path)
     added = tj.get("added_tokens", [])
     stripping = [a["content"] for a in added if a.get("lstrip") or a.get("rstrip") or a.get("single_word")]
     if stripping:
@@ -317,7 +337,7 @@ def read_tokenizer_json(path: str) -> bpe.Tokenizer:
     if any(len(pair) != 2 for pair in merges):
         raise ValueError(f"{path}: a merge is not a pair of tokens")
     merges = [(bpe._from_unicode(a, path), bpe._from_unicode(b, path)) for a, b in merges]
-    tok = bpe.Tokenizer(vocab, merges, list(specials))
+    tok = (DigitsTokenizer if digits else bpe.Tokenizer)(vocab, merges, list(specials))
     if any(tok.special_ids[s] != i for s, i in specials.items()):
         raise ValueError(f"{path}: an added token's id differs from its id in the vocab")
     return tok

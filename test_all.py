@@ -2589,6 +2589,26 @@ def test_hf_tokenizer_json_gives_our_ids_in_tokenizers():
                 assert theirs.decode(tok.encode(text), skip_special_tokens=False) == text
 
 
+def test_hf_digits_pre_tokenizer_gives_the_ids_of_tokenizers():
+    """Digits(individual_digits=True) before GPT-2's ByteLevel (SmolLM2's pre-tokenizer) imports as a DigitsTokenizer
+    whose ids equal the tokenizers package's on text with digit runs, spaces before digits and other scripts' digits."""
+    tokenizers, = _hf_need("tokenizers")
+    texts = _HF_TEXTS + ["in 2024, 1,000,000 and 3.14159  42\n\n 7 ٣٤ ½ x1y22", "  12  ab3 "]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _bpe_trained(tmp, " ".join(_HF_TEXTS) + " in 2024 and 1000 or 20.24" * 30, 300)  # digit merges
+        tj = hf.tokenizer_json(tok)
+        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                     tj["pre_tokenizer"]]}
+        path = os.path.join(tmp, "tokenizer.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(tj, f, ensure_ascii=False)
+        ours, theirs = hf.read_tokenizer_json(path), tokenizers.Tokenizer.from_file(path)
+        assert isinstance(ours, hf.DigitsTokenizer) and ours.encode("in 2024") != tok.encode("in 2024")
+        for text in texts:
+            assert ours.encode(text) == theirs.encode(text).ids, text
+            assert ours.decode(ours.encode(text)) == text
+
+
 def test_hf_import_transformers_llama_and_qwen3():
     """A random LlamaForCausalLM (GQA, untied, rms_norm_eps 1e-6, sharded files) and Qwen3ForCausalLM (tied) built
     and saved by transformers import into TransformerLM with logits equal to theirs (1e-5, float32)."""
@@ -2708,7 +2728,7 @@ def test_hf_bad_inputs_one_line_errors():
             assert named in _hf_error(hf.config_from_hf, {**llama, **change}), change
         assert "lacks 'hidden_size'" in _hf_error(hf.config_from_hf, {k: v for k, v in llama.items() if k != "hidden_size"})
         tj = hf.tokenizer_json(_hf_tokenizer(root))
-        digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+        digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False},
                                                         tj["pre_tokenizer"]]}
         for change, named in (({"model": {"type": "Unigram", "vocab": []}}, "Unigram"),
                               ({"pre_tokenizer": digits}, "Digits+ByteLevel"),
