@@ -44,7 +44,8 @@ def write_safetensors(path: str, tensors: dict[str, Tensor], metadata: dict[str,
         if t.dtype not in _DTYPE_NAMES:
             raise ValueError(f"{name}: dtype {t.dtype} is not one of {sorted(map(str, _DTYPE_NAMES))}")
         data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # a copy: no sharing
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
     if metadata:
@@ -73,7 +74,7 @@ def read_safetensors(path: str) -> dict[str, Tensor]:
             dtype = DTYPES[h["dtype"]]
             if not 0 <= start <= end <= len(raw) - 8 - n or end - start != count * dtype.itemsize:
                 raise ValueError(f"tensor {name} has data_offsets {start, end} that do not fit its shape or the file")
-            data = bytearray(raw[8 + n + start:8 + n + end])  # a writable copy of the tensor's bytes
+            data = bytearray(memoryview(raw)[8 + n + start:8 + n + end])  # a writable copy of the tensor's bytes
             flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(h["shape"])
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
@@ -99,13 +100,14 @@ def _name_map(cfg: dict) -> dict[str, str]:
     names = {"token_embeddings.weight": "model.embed_tokens.weight", "ln_final.weight": "model.norm.weight"}
     if not cfg["tie_embeddings"]:
         names["lm_head.weight"] = "lm_head.weight"
-    per_layer = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
-                 "attn.output_proj": "self_attn.o_proj", "ln1": "input_layernorm", "ln2": "post_attention_layernorm",
+    per_layer = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
+                 "attn.v_proj": "self_attn.v_proj", "attn.output_proj": "self_attn.o_proj", "ln1": "input_layernorm", "ln2": "post_attention_layernorm",
                  "ffn.w1": "mlp.gate_proj", "ffn.w3": "mlp.up_proj", "ffn.w2": "mlp.down_proj"}
     if cfg["qk_norm"]:
         per_layer |= {"attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
     for i in range(cfg["num_layers"]):
-        names |= {f"layers.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight" for ours, theirs in per_layer.items()}
+        names |= {f"layers.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight"
+                  for ours, theirs in per_layer.items()}
     return names
 
 
@@ -136,11 +138,13 @@ def check_exportable(cfg: dict) -> str:
     bad = [f"{k}={cfg[k]!r}" for k, v in _NEEDED.items() if cfg[k] != v]
     if bad:
         allowed = ", ".join(f"{k}={v!r}" for k, v in _NEEDED.items())
-        raise ValueError(f"{', '.join(bad)} has no Llama/Qwen3 equivalent; only models with {allowed} export")
+        verb = "has" if len(bad) == 1 else "have"
+        raise ValueError(f"{', '.join(bad)} {verb} no Llama/Qwen3 equivalent; only models with {allowed} export")
     return "Qwen3ForCausalLM" if cfg["qk_norm"] else "LlamaForCausalLM"
 
 
-def hf_config(cfg: dict, tokenizer: bpe.Tokenizer | None, dtype: str = "float32") -> dict:
+def hf_config(cfg: dict, tokenizer: bpe.Tokenizer | None, dtype: str = "float32",
+              rms_norm_eps: float = RMS_EPS) -> dict:
     """config.json for a model config: the fields Llama and Qwen3 read, in their names."""
     arch = check_exportable(cfg)
     eot = tokenizer.special_ids.get(bpe.EOT) if tokenizer else None
@@ -148,7 +152,7 @@ def hf_config(cfg: dict, tokenizer: bpe.Tokenizer | None, dtype: str = "float32"
             "vocab_size": cfg["vocab_size"], "hidden_size": cfg["d_model"], "intermediate_size": cfg["d_ff"],
             "num_hidden_layers": cfg["num_layers"], "num_attention_heads": cfg["num_heads"],
             "num_key_value_heads": cfg["n_kv_heads"], "head_dim": cfg["d_model"] // cfg["num_heads"],
-            "hidden_act": "silu", "max_position_embeddings": cfg["context_length"], "rms_norm_eps": RMS_EPS,
+            "hidden_act": "silu", "max_position_embeddings": cfg["context_length"], "rms_norm_eps": rms_norm_eps,
             "rope_theta": cfg["rope_theta"], "rope_scaling": None,  # both spellings: transformers 4.x and 5.x
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg["rope_theta"]},
             "tie_word_embeddings": cfg["tie_embeddings"], "attention_bias": False, "mlp_bias": False,
@@ -198,7 +202,8 @@ def save_pretrained(model: TransformerLM, tokenizer: bpe.Tokenizer | None, path:
         raise FileExistsError(f"{path} exists and is not an empty directory; pick another --to or pass --force=True")
     weights = {k: v.to(getattr(torch, dtype)) for k, v in _convert(model.state_dict(), cfg, to_hf=True).items()}
     eot = tokenizer.special_ids.get(bpe.EOT) if tokenizer else None
-    files = {"config.json": hf_config(cfg, tokenizer, dtype),
+    eps = next((m.eps for m in model.modules() if isinstance(m, RMSNorm)), RMS_EPS)  # set_norm_eps may have changed it
+    files = {"config.json": hf_config(cfg, tokenizer, dtype, eps),
              "generation_config.json": {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg["context_length"]}}
     if tokenizer is not None:
         files |= _tokenizer_files(tokenizer, cfg["context_length"])
@@ -233,30 +238,31 @@ def _read_json(path: str) -> dict:
 def config_from_hf(hf: dict, where: str = "config.json") -> dict:
     """Our model config (MODEL_KEYS) for an HF Llama/Qwen3 config.json dict; anything we cannot run is a ValueError
     naming the field."""
-    arch = (hf.get("architectures") or ["?"])[0]
-    if arch not in ("LlamaForCausalLM", "Qwen3ForCausalLM") or len(hf.get("architectures")) != 1:
-        raise ValueError(f"{where}: architectures={hf.get('architectures')} is not supported; "
+    archs = hf.get("architectures")
+    if archs not in (["LlamaForCausalLM"], ["Qwen3ForCausalLM"]):
+        raise ValueError(f"{where}: architectures={archs} is not supported; "
                          "only LlamaForCausalLM and Qwen3ForCausalLM import")
     rope = hf.get("rope_parameters") or {}
-    refused = {"attention_bias": hf.get("attention_bias", False), "mlp_bias": hf.get("mlp_bias", False),
-               "rope_scaling": hf.get("rope_scaling"),
-               "rope_parameters.rope_type": rope.get("rope_type", "default") != "default" and rope.get("rope_type"),
-               "use_sliding_window": hf.get("use_sliding_window", False),
-               "hidden_act": hf.get("hidden_act", "silu") != "silu" and hf.get("hidden_act")}
-    refused = {k: v for k, v in refused.items() if v}
+    fields = (("attention_bias", hf.get("attention_bias", False), False),
+              ("mlp_bias", hf.get("mlp_bias", False), False),
+              ("rope_scaling", hf.get("rope_scaling") or None, None),
+              ("rope_parameters.rope_type", rope.get("rope_type", "default"), "default"),
+              ("use_sliding_window", hf.get("use_sliding_window", False), False),
+              ("hidden_act", hf.get("hidden_act", "silu"), "silu"))
+    refused = [f"{name}={value!r}" for name, value, needed in fields if value != needed]
     if refused:
-        what = ", ".join(f"{k}={v!r}" for k, v in refused.items())
+        what = ", ".join(refused)
         raise ValueError(f"{where}: {what} is not supported (TransformerLM has no biases, rope scaling, "
                          "sliding windows or activations other than silu)")
     try:
         d, heads = hf["hidden_size"], hf["num_attention_heads"]
-        if hf.get("head_dim", d // heads) * heads != d:
+        if (hf.get("head_dim") or d // heads) * heads != d:
             raise ValueError(f"{where}: head_dim={hf['head_dim']} is not hidden_size/num_attention_heads={d // heads}; "
                              "TransformerLM needs them equal")
         return model_config(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], d_model=d,
                             num_layers=hf["num_hidden_layers"], num_heads=heads, d_ff=hf["intermediate_size"],
                             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                            qk_norm=arch == "Qwen3ForCausalLM",
+                            qk_norm=archs == ["Qwen3ForCausalLM"],
                             n_kv_heads=hf.get("num_key_value_heads") or heads,
                             tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     except KeyError as e:
@@ -390,7 +396,8 @@ def build_model(cfg: dict, state_dict: dict[str, Tensor], where: str = "the weig
         reason = " ".join(line.strip() for line in str(e).strip().splitlines()[-1:])  # the line naming the keys
         raise ValueError(f"{where} do not fit this model.py: {reason[:300]}") from None
     d_head = cfg["d_model"] // cfg["num_heads"]
-    rope = RotaryPositionalEmbedding(cfg["rope_theta"], d_head, cfg["context_length"], device=model.token_embeddings.weight.device)
+    device = model.token_embeddings.weight.device
+    rope = RotaryPositionalEmbedding(cfg["rope_theta"], d_head, cfg["context_length"], device)
     for layer in model.layers:
         if layer.attn.rope is not None:
             layer.attn.rope = rope

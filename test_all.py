@@ -2494,8 +2494,8 @@ def test_hf_export_import_round_trip_is_bitwise():
 
 
 def test_hf_safetensors_writer_against_a_handwritten_reader():
-    """Our writer's file, read by a header reader written here: 8-byte length, JSON header with dtype/shape/data_offsets,
-    8-aligned data, tensors back to the bit; tied or sliced tensors are written as their own bytes. A truncated file is
+    """Our writer's file, read by a header reader written here: 8-byte length, JSON header with
+    dtype/shape/data_offsets, 8-aligned data, tensors back to the bit; tied or sliced tensors are written as their own bytes. A truncated file is
     one ValueError naming it."""
     base = torch.randn(6, 4)
     tensors = {"a": base, "tied": base, "slice": base[:, 1], "bf": torch.randn(3, 5).bfloat16(),
@@ -2531,7 +2531,8 @@ def test_hf_safetensors_writer_against_a_handwritten_reader():
 def test_hf_safetensors_writer_read_by_the_safetensors_package():
     """The safetensors package reads our writer's file to the same tensors, and ours reads the package's file."""
     safetensors_torch, = _hf_need("safetensors.torch")
-    tensors = {"w": torch.randn(5, 3), "b": torch.randn(4).bfloat16(), "h": torch.randn(2, 2).half(), "s": torch.tensor(1.0)}
+    tensors = {"w": torch.randn(5, 3), "b": torch.randn(4).bfloat16(), "h": torch.randn(2, 2).half(),
+               "s": torch.tensor(1.0)}
     with tempfile.TemporaryDirectory() as tmp:
         hf.write_safetensors(os.path.join(tmp, "ours.safetensors"), tensors)
         theirs = safetensors_torch.load_file(os.path.join(tmp, "ours.safetensors"))
@@ -2567,7 +2568,7 @@ def _hf_tokenizer_files(tmp: str):
 
 
 def test_hf_tokenizer_json_round_trips_to_the_same_tokenizer():
-    """read_tokenizer_json(tokenizer_json(tok)) is tok again: vocab, merges and special ids (trained and GPT-2 layout)."""
+    """read_tokenizer_json(tokenizer_json(tok)) is tok again: vocab, merges, special ids (trained, GPT-2 layout)."""
     with tempfile.TemporaryDirectory() as tmp:
         for tok, path in _hf_tokenizer_files(tmp):
             back = hf.read_tokenizer_json(path)
@@ -2631,6 +2632,12 @@ def test_hf_import_transformers_llama_and_qwen3():
             assert os.path.isfile(os.path.join(out, "model.safetensors.index.json")) == (shard == "20KB")
             ours, tok = hf.load_pretrained(out)
             assert tok is None and ours.config["qk_norm"] == (i == 1)
+            hf.save_pretrained(ours, None, os.path.join(tmp, f"again{i}"))  # and out again: the same HF tensors
+            again = hf.read_safetensors(os.path.join(tmp, f"again{i}", "model.safetensors"))
+            want = {k: v for k, v in theirs.state_dict().items() if not (k == "lm_head.weight" and i == 1)}
+            assert again.keys() == want.keys() and all(torch.equal(again[k], want[k]) for k in want)
+            with open(os.path.join(tmp, f"again{i}", "config.json")) as f:
+                assert json.load(f)["rms_norm_eps"] == 1e-6
             idx = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(i))
             with torch.no_grad():
                 diff = (ours(idx) - theirs(idx).logits).abs().max().item()
@@ -2711,7 +2718,8 @@ def test_hf_bad_inputs_one_line_errors():
             assert "no checkpoint at" in _hf_error(export.main, [f"--out_dir={root}/nothing", f"--to={root}/x"])
         for flags, named in (({"norm": "post"}, "norm='post'"), ({"norm": "none"}, "norm='none'"),
                              ({"pos": "none"}, "pos='none'"), ({"ffn": "silu"}, "ffn='silu'"),
-                             ({"block": "parallel"}, "block='parallel'"), ({"logit_softcap": 30.0}, "logit_softcap=30.0")):
+                             ({"block": "parallel"}, "block='parallel'"),
+                             ({"logit_softcap": 30.0}, "logit_softcap=30.0")):
             cfg = model.model_config(10, 8, 16, 1, 2, **flags)
             assert named in _hf_error(hf.check_exportable, cfg) and "no Llama/Qwen3 equivalent" in _hf_error(
                 hf.check_exportable, cfg)
@@ -2723,10 +2731,12 @@ def test_hf_bad_inputs_one_line_errors():
         for change, named in (({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
                               ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
                               ({"rope_parameters": {"rope_type": "yarn"}}, "rope_type"),
-                              ({"use_sliding_window": True}, "use_sliding_window"), ({"hidden_act": "gelu"}, "hidden_act"),
-                              ({"head_dim": 16}, "head_dim=16"), ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHead")):
+                              ({"use_sliding_window": True}, "use_sliding_window"),
+                              ({"hidden_act": "gelu"}, "hidden_act"), ({"head_dim": 16}, "head_dim=16"),
+                              ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHead")):
             assert named in _hf_error(hf.config_from_hf, {**llama, **change}), change
-        assert "lacks 'hidden_size'" in _hf_error(hf.config_from_hf, {k: v for k, v in llama.items() if k != "hidden_size"})
+        no_width = {k: v for k, v in llama.items() if k != "hidden_size"}
+        assert "lacks 'hidden_size'" in _hf_error(hf.config_from_hf, no_width)
         tj = hf.tokenizer_json(_hf_tokenizer(root))
         digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False},
                                                         tj["pre_tokenizer"]]}
