@@ -24,15 +24,17 @@ DEFAULTS = {
 
 
 def checkpoint_tokenizer(ckpt: dict, ckpt_path: str) -> bpe.Tokenizer:
-    """The tokenizer a checkpoint was trained with: its `tokenizer` record {dir, rel, special_tokens}, or the older
-    `tokenizer_dir` + config["special_tokens"]; a relative folder is tried from here, then from the checkpoint's."""
-    info = ckpt.get("tokenizer")
+    """The tokenizer a checkpoint was trained with: its `tokenizer` record {dir, rel (to the checkpoint's folder),
+    special_tokens}, or the older `tokenizer_dir` (tried from here, then from the checkpoint's folder) with
+    config["special_tokens"]."""
+    info, here = ckpt.get("tokenizer"), os.path.dirname(os.path.abspath(ckpt_path))
     if isinstance(info, dict):
-        dirs, specials = [info.get("dir"), info.get("rel")], info.get("special_tokens", [bpe.EOT])
+        specials = info.get("special_tokens", [bpe.EOT])
+        candidates = [info.get("dir"), info.get("rel") and os.path.join(here, info["rel"])]
     else:
-        dirs, specials = [ckpt.get("tokenizer_dir")], ckpt.get("config", {}).get("special_tokens", [bpe.EOT])
-    here = os.path.dirname(os.path.abspath(ckpt_path))
-    candidates = [p for d in dirs if d for p in (d, os.path.join(here, d))]
+        specials, old = ckpt.get("config", {}).get("special_tokens", [bpe.EOT]), ckpt.get("tokenizer_dir")
+        candidates = [old, old and os.path.join(here, old)]
+    candidates = [d for d in candidates if d]
     for d in candidates:
         if os.path.isfile(os.path.join(d, "vocab.json")):
             return bpe.load_tokenizer(d, specials)

@@ -101,7 +101,8 @@ def _name_map(cfg: dict) -> dict[str, str]:
     if not cfg["tie_embeddings"]:
         names["lm_head.weight"] = "lm_head.weight"
     per_layer = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
-                 "attn.v_proj": "self_attn.v_proj", "attn.output_proj": "self_attn.o_proj", "ln1": "input_layernorm", "ln2": "post_attention_layernorm",
+                 "attn.v_proj": "self_attn.v_proj", "attn.output_proj": "self_attn.o_proj",
+                 "ln1": "input_layernorm", "ln2": "post_attention_layernorm",
                  "ffn.w1": "mlp.gate_proj", "ffn.w3": "mlp.up_proj", "ffn.w2": "mlp.down_proj"}
     if cfg["qk_norm"]:
         per_layer |= {"attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
@@ -195,8 +196,9 @@ def save_pretrained(model: TransformerLM, tokenizer: bpe.Tokenizer | None, path:
     cfg = model.config
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={dtype!r} is not allowed; use 'float32' or 'bfloat16'")
-    if tokenizer is not None and tokenizer.vocab_size > cfg["vocab_size"]:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg['vocab_size']}")
+    if tokenizer is not None and max(tokenizer.vocab) >= cfg["vocab_size"]:
+        raise ValueError(f"the tokenizer has ids up to {max(tokenizer.vocab)} but the model's vocab_size is "
+                         f"{cfg['vocab_size']}; export with the tokenizer the model was trained with")
     path = os.path.abspath(path)
     if os.path.exists(path) and not (os.path.isdir(path) and (force or not os.listdir(path))):
         raise FileExistsError(f"{path} exists and is not an empty directory; pick another --to or pass --force=True")

@@ -2706,6 +2706,9 @@ def test_hf_bad_inputs_one_line_errors():
         run = cli(f"--out_dir={out_dir}", f"--to={to}")
         assert run.returncode == 2 and "--force=True" in run.stderr and run.stderr.count("\n") == 1, run.stderr
         assert os.listdir(to) == ["keep.txt"]
+        os.rename(os.path.join(root, "tok"), os.path.join(root, "gone"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert "its tokenizer" in _hf_error(export.main, [f"--out_dir={out_dir}", f"--to={root}/z"])
         ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
         del ckpt["model"]["layers.1.ffn.w2.weight"]
         torch.save(ckpt, os.path.join(root, "ckpt.pt"))
