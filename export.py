@@ -46,6 +46,7 @@ def main(argv: list[str]) -> None:
     cfg = configure(DEFAULTS, argv)
     if not cfg["to"]:
         raise ValueError("--to is empty; name the directory to write, e.g. --to=hf/tinystories")
+    hf.check_dtype(cfg["dtype"])
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     t0 = time.perf_counter()
     ckpt = train.read_checkpoint(ckpt_path)

@@ -189,13 +189,17 @@ def _tokenizer_files(tokenizer: bpe.Tokenizer, context_length: int) -> dict[str,
             "special_tokens_map.json": special}
 
 
+def check_dtype(dtype: str) -> None:
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r} is not allowed; use 'float32' or 'bfloat16'")
+
+
 def save_pretrained(model: TransformerLM, tokenizer: bpe.Tokenizer | None, path: str, dtype: str = "float32",
                     force: bool = False) -> None:
     """Write model (and tokenizer) as an HF directory at path. It is built in a temporary directory beside path and
     renamed into place, so path is never half written; an existing non-empty path is replaced only with force."""
     cfg = model.config
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype={dtype!r} is not allowed; use 'float32' or 'bfloat16'")
+    check_dtype(dtype)
     if tokenizer is not None and max(tokenizer.vocab) >= cfg["vocab_size"]:
         raise ValueError(f"the tokenizer has ids up to {max(tokenizer.vocab)} but the model's vocab_size is "
                          f"{cfg['vocab_size']}; export with the tokenizer the model was trained with")

@@ -2612,7 +2612,8 @@ def test_hf_digits_pre_tokenizer_gives_the_ids_of_tokenizers():
 
 def test_hf_import_transformers_llama_and_qwen3():
     """A random LlamaForCausalLM (GQA, untied, rms_norm_eps 1e-6, sharded files) and Qwen3ForCausalLM (tied) built
-    and saved by transformers import into TransformerLM with logits equal to theirs (1e-5, float32)."""
+    and saved by transformers import into TransformerLM with logits equal to theirs (1e-5, float32); exported again
+    they give transformers' tensors bit for bit; a bfloat16 save imports as the same values in float32."""
     transformers, = _hf_need("transformers")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -2632,16 +2633,21 @@ def test_hf_import_transformers_llama_and_qwen3():
             assert os.path.isfile(os.path.join(out, "model.safetensors.index.json")) == (shard == "20KB")
             ours, tok = hf.load_pretrained(out)
             assert tok is None and ours.config["qk_norm"] == (i == 1)
+            idx = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(i))
+            with torch.no_grad():
+                diff = (ours(idx) - theirs(idx).logits).abs().max().item()
+            assert diff < 1e-5, (type(theirs).__name__, diff)
             hf.save_pretrained(ours, None, os.path.join(tmp, f"again{i}"))  # and out again: the same HF tensors
             again = hf.read_safetensors(os.path.join(tmp, f"again{i}", "model.safetensors"))
             want = {k: v for k, v in theirs.state_dict().items() if not (k == "lm_head.weight" and i == 1)}
             assert again.keys() == want.keys() and all(torch.equal(again[k], want[k]) for k in want)
             with open(os.path.join(tmp, f"again{i}", "config.json")) as f:
                 assert json.load(f)["rms_norm_eps"] == 1e-6
-            idx = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(i))
-            with torch.no_grad():
-                diff = (ours(idx) - theirs(idx).logits).abs().max().item()
-            assert diff < 1e-5, (type(theirs).__name__, diff)
+        theirs.to(torch.bfloat16).save_pretrained(os.path.join(tmp, "bf16"))  # bf16 files import as float32
+        ours = hf.read_pretrained(os.path.join(tmp, "bf16"))["state_dict"]
+        want = {k: v.float() for k, v in theirs.state_dict().items()}
+        assert torch.equal(ours["layers.1.ffn.w2.weight"], want["model.layers.1.mlp.down_proj.weight"])
+        assert ours["layers.0.attn.q_norm.weight"].dtype == torch.float32
 
 
 def _hf_tiny_checkpoint(root: str, tokenizer_record: str = "new", **flags) -> str:
@@ -2698,6 +2704,7 @@ def test_hf_bad_inputs_one_line_errors():
     """Missing or damaged checkpoint, an existing --to, flags Llama/Qwen3 cannot express, HF fields and tokenizers we
     cannot run: each is one line naming what and, from the CLI, exit code 2 without a traceback."""
     import export
+    import sample
     cli = lambda *a: subprocess.run([sys.executable, export.__file__, *a], capture_output=True, text=True, timeout=60)
     with tempfile.TemporaryDirectory() as root:
         out_dir, to = _hf_tiny_checkpoint(root), os.path.join(root, "full")
@@ -2719,6 +2726,9 @@ def test_hf_bad_inputs_one_line_errors():
         with contextlib.redirect_stdout(io.StringIO()):
             assert "truncated or corrupt" in _hf_error(export.main, [f"--out_dir={root}", f"--to={root}/y"])
             assert "no checkpoint at" in _hf_error(export.main, [f"--out_dir={root}/nothing", f"--to={root}/x"])
+            assert "dtype='float16'" in _hf_error(export.main, [f"--to={root}/x", "--dtype=float16"])
+            assert "--to is empty" in _hf_error(export.main, [f"--out_dir={out_dir}"])
+            assert "init_from='gpt2'" in _hf_error(sample.main, ["--init_from=gpt2", "--device=cpu"])
         for flags, named in (({"norm": "post"}, "norm='post'"), ({"norm": "none"}, "norm='none'"),
                              ({"pos": "none"}, "pos='none'"), ({"ffn": "silu"}, "ffn='silu'"),
                              ({"block": "parallel"}, "block='parallel'"),
