@@ -2650,13 +2650,13 @@ def test_hf_import_transformers_llama_and_qwen3():
         assert ours["layers.0.attn.q_norm.weight"].dtype == torch.float32
 
 
-def _hf_tiny_checkpoint(root: str, tokenizer_record: str = "new", **flags) -> str:
+def _hf_tiny_checkpoint(root: str, tokenizer_record: str = "new") -> str:
     """out_dir with a ckpt.pt of a tiny model, its tokenizer in root/tok, as train.py writes (new or old record)."""
     os.makedirs(root, exist_ok=True)
     tok = _hf_tokenizer(root)
     out_dir = os.path.join(root, "out")
     os.makedirs(out_dir)
-    model = _hf_model(0, **flags)
+    model = _hf_model(0)
     record = ({"tokenizer": {"dir": os.path.join(root, "tok"), "rel": os.path.join("..", "tok"),
                              "special_tokens": list(tok.special_ids)}} if tokenizer_record == "new"
               else {"tokenizer_dir": os.path.join(root, "tok"), "config": {"special_tokens": list(tok.special_ids)}})
@@ -2680,9 +2680,9 @@ def test_hf_export_cli_and_sample_init_from():
         old = _hf_tiny_checkpoint(os.path.join(root, "b"), "old")
         with contextlib.redirect_stdout(io.StringIO()):
             export.main([f"--out_dir={old}", f"--to={to}", "--force=True"])
-            sample.main([f"--init_from=hf:{to}", "--temperature=0", "--num_samples=1", "--max_new_tokens=5",
-                         "--prompt=To be", "--device=cpu"])
         ours, tok = hf.load_pretrained(to)
+        assert all(torch.equal(v, ours.state_dict()[k]) for k, v in _hf_model(0).state_dict().items())
+        assert not [n for n in os.listdir(os.path.join(root, "hf")) if n != "tiny"]  # no temporary directory left
         want = tok.decode(tok.encode("To be") + generate(ours, tok.encode("To be"), 5, 0.0,
                                                          eos_id=tok.special_ids[_BPE_EOT]))
         with contextlib.redirect_stdout(io.StringIO()) as printed:
