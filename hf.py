@@ -10,6 +10,7 @@ x[k] with x[k + d/2]. Reordering each head's q/k rows (and the q_norm/k_norm gai
 makes the HF model compute exactly our function, since the attention scores q.k are unchanged by the reordering.
 """
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -58,28 +59,32 @@ def write_safetensors(path: str, tensors: dict[str, Tensor], metadata: dict[str,
 
 
 def read_safetensors(path: str) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file, as CPU tensors of its own dtype; a damaged file is one ValueError."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    """Every tensor of a safetensors file, as CPU tensors of its own dtype; a damaged file is one ValueError.
+    The file is memory-mapped, so only the tensors' own copies take memory."""
     try:
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
-        header.pop("__metadata__", None)
-        tensors = {}
-        for name, h in header.items():
-            start, end = h["data_offsets"]
-            count = 1
-            for size in h["shape"]:
-                count *= size
-            dtype = DTYPES[h["dtype"]]
-            if not 0 <= start <= end <= len(raw) - 8 - n or end - start != count * dtype.itemsize:
-                raise ValueError(f"tensor {name} has data_offsets {start, end} that do not fit its shape or the file")
-            data = bytearray(memoryview(raw)[8 + n + start:8 + n + end])  # a writable copy of the tensor's bytes
-            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            tensors[name] = flat.reshape(h["shape"])
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
+            return _parse_safetensors(raw)
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
                          "download or export it again") from None
+
+
+def _parse_safetensors(raw: mmap.mmap) -> dict[str, Tensor]:
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, h in header.items():
+        start, end = h["data_offsets"]
+        count = 1
+        for size in h["shape"]:
+            count *= size
+        dtype = DTYPES[h["dtype"]]
+        if not 0 <= start <= end <= len(raw) - 8 - n or end - start != count * dtype.itemsize:
+            raise ValueError(f"tensor {name} has data_offsets {start, end} that do not fit its shape or the file")
+        data = bytearray(raw[8 + n + start:8 + n + end])  # the tensor's own writable copy of its bytes
+        flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(h["shape"])
     return tensors
 
 
@@ -190,6 +195,7 @@ def _tokenizer_files(tokenizer: bpe.Tokenizer, context_length: int) -> dict[str,
 
 
 def check_dtype(dtype: str) -> None:
+    """The file dtypes export offers (and transformers' Llama/Qwen3 load): float32 or bfloat16."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={dtype!r} is not allowed; use 'float32' or 'bfloat16'")
 
