@@ -12,12 +12,14 @@ import torch
 from torch import Tensor
 
 import bpe
+import hf
 import train
 from configurator import configure
 from model import TransformerLM, softmax
 
 DEFAULTS = {
     "out_dir": train.DEFAULTS["out_dir"],  # directory holding ckpt.pt (written by train.py)
+    "init_from": "",  # '' = out_dir/ckpt.pt; 'hf:PATH' = a local Hugging Face Llama/Qwen3 directory (see hf.py)
     "prompt": "Once upon a time",  # text the samples continue
     "temperature": 0.8,  # 0 = greedy; below 1 sharpens, above 1 flattens the distribution
     "top_p": 0.95,  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)
@@ -118,8 +120,15 @@ def load_model(ckpt_path: str, device: torch.device) -> tuple[TransformerLM, str
 def main(argv: list[str]) -> None:
     cfg = configure(DEFAULTS, argv)
     device = train.pick_device(cfg["device"], local_rank=0)
-    model, tokenizer_dir = load_model(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
-    tokenizer = bpe.load_tokenizer(tokenizer_dir)
+    if cfg["init_from"].startswith("hf:"):
+        model, tokenizer = hf.load_pretrained(cfg["init_from"][3:], device)
+        if tokenizer is None:
+            raise ValueError(f"{cfg['init_from'][3:]} has no tokenizer.json; sampling needs one")
+    elif cfg["init_from"]:
+        raise ValueError(f"init_from={cfg['init_from']!r} is not allowed; use '' (out_dir/ckpt.pt) or 'hf:PATH'")
+    else:
+        model, tokenizer_dir = load_model(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
+        tokenizer = bpe.load_tokenizer(tokenizer_dir)
     prompt_ids = tokenizer.encode(cfg["prompt"])
     if not prompt_ids:
         raise ValueError("the prompt is empty; pass --prompt=\"some text\"")

@@ -24,6 +24,7 @@ import re
 import resource
 import runpy
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +42,7 @@ import torch
 import bench
 import bpe
 import data
+import hf
 import kernels
 import model
 import plot
@@ -2668,6 +2670,393 @@ def test_from_scratch_rule_and_size_budget():
         lines = source.count("\n")
         print(f"  {name:<16} {lines:>4} lines (budget {budget})")
         assert lines <= budget, f"{name} has {lines} lines, over its budget of {budget}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face interop (hf.py, export.py)
+# ----------------------------------------------------------------------------------------------------
+
+_HF_TEXTS = ["Hello, world! Größe 大小 naïve café", "emoji 🙂👍🏽👩‍💻🇫🇷 e\u0301", "  leading and trailing spaces   ",
+             "\n\n  indented\n\n  ", "tabs\t\tand\t \tmixed \t", "don't we'll I'm 1234 3.14",
+             "<|endoftext|>two docs<|endoftext|><|endoftext|>", "odd spaces \x0b\x0c\x85\xa0\u2028\u3000 end ",
+             "x" * 40 + " " + "ab" * 30]
+
+
+def _hf_need(*packages: str) -> list:
+    """The optional packages, imported, or Skipped naming the first one missing."""
+    try:
+        return [importlib.import_module(p) for p in packages]
+    except ImportError:
+        raise Skipped(f"needs the optional packages {', '.join(packages)} (pip install {' '.join(packages)})") from None
+
+
+def _hf_tokenizer(tmp: str) -> bpe.Tokenizer:
+    """A 300-token tokenizer trained on a slice of the committed Shakespeare text plus a little unicode."""
+    repo = os.path.dirname(os.path.abspath(bpe.__file__))
+    with gzip.open(os.path.join(repo, "data", "shakespeare_val.txt.gz"), "rt", encoding="utf-8") as f:
+        text = f.read(20000)
+    path = _bpe_write(os.path.join(tmp, "tok.txt"), text + _BPE_EOT + "".join(_HF_TEXTS[:2]) * 20)
+    return bpe.train_tokenizer(path, 300, os.path.join(tmp, "tok"), num_workers=1)
+
+
+def _hf_model(seed: int = 0, **flags) -> TransformerLM:
+    """A tiny random model whose norm gains are not all ones (so a wrong q_norm/k_norm order would show)."""
+    torch.manual_seed(seed)
+    m = TransformerLM(vocab_size=300, context_length=32, d_model=48, num_layers=2, num_heads=4, **flags).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def _hf_read_header(path: str) -> tuple[dict, int]:
+    """The safetensors header and where the data starts, read by hand: 8-byte little-endian n, then n bytes of JSON."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n).decode("utf-8")), 8 + n
+
+
+def test_hf_export_matches_transformers_logits_and_greedy_tokens():
+    """Each exportable flag family, exported and loaded by transformers with no custom code: logits equal ours (1e-5,
+    float32) on random ids at full context, greedy generation gives our sample.generate's tokens, config fields fit."""
+    transformers, _ = _hf_need("transformers", "tokenizers")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    families = [({}, "LlamaForCausalLM"), ({"n_kv_heads": 2}, "LlamaForCausalLM"),
+                ({"n_kv_heads": 1, "tie_embeddings": True, "rope_theta": 123456.0}, "LlamaForCausalLM"),
+                ({"qk_norm": True, "n_kv_heads": 2, "rope_theta": 500.0}, "Qwen3ForCausalLM")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _hf_tokenizer(tmp)
+        eot = tok.special_ids[_BPE_EOT]
+        for i, (flags, arch) in enumerate(families):
+            ours, out = _hf_model(i, **flags), os.path.join(tmp, f"hf{i}")
+            hf.save_pretrained(ours, tok, out)
+            with open(os.path.join(out, "config.json")) as f:
+                config = json.load(f)
+            assert config["architectures"] == [arch] and config["tie_word_embeddings"] == ("tie_embeddings" in flags)
+            assert config["head_dim"] == 12 and config["intermediate_size"] == 128 and config["bos_token_id"] == eot
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+            assert type(theirs).__name__ == arch and theirs.dtype == torch.float32
+            idx = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(i))
+            with torch.no_grad():
+                diff = (ours(idx) - theirs(idx).logits).abs().max().item()
+            assert diff < 1e-5, (flags, diff)
+            prompt = idx[0, :8].tolist()
+            mine = generate(ours, prompt, 20, temperature=0.0, eos_id=eot)
+            with torch.no_grad():
+                got = theirs.generate(idx[:1, :8], max_new_tokens=20, do_sample=False)[0, 8:].tolist()
+            assert got[:len(mine)] == mine and (len(mine) == 20 or got[len(mine)] == eot), (flags, mine, got)
+        auto = transformers.AutoTokenizer.from_pretrained(os.path.join(tmp, "hf0"))
+        for text in _HF_TEXTS:
+            assert auto(text)["input_ids"] == tok.encode(text), text
+            assert auto.decode(tok.encode(text)) == text
+        assert auto.eos_token_id == eot
+
+
+def test_hf_export_import_round_trip_is_bitwise():
+    """export then import gives the same state dict bit for bit (float32) and the same tokenizer, for every exportable
+    family; bfloat16 export halves the file and imports as the bf16-rounded weights. Needs no optional package."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _hf_tokenizer(tmp)
+        for i, flags in enumerate([{}, {"n_kv_heads": 1, "tie_embeddings": True}, {"qk_norm": True, "n_kv_heads": 2}]):
+            ours, out = _hf_model(i, **flags), os.path.join(tmp, f"hf{i}")
+            hf.save_pretrained(ours, tok, out)
+            back, tok2 = hf.load_pretrained(out)
+            a, b = ours.state_dict(), back.state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            assert back.config == ours.config and tok2.vocab == tok.vocab and tok2.merges == tok.merges
+            assert tok2.special_ids == tok.special_ids
+            assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
+                                               "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+        hf.save_pretrained(ours, None, os.path.join(tmp, "bf16"), dtype="bfloat16")
+        header, _ = _hf_read_header(os.path.join(tmp, "bf16", "model.safetensors"))
+        assert {h["dtype"] for k, h in header.items() if k != "__metadata__"} == {"BF16"}
+        back, no_tok = hf.load_pretrained(os.path.join(tmp, "bf16"))
+        assert no_tok is None and all(torch.equal(v.bfloat16().float(), back.state_dict()[k])
+                                      for k, v in ours.state_dict().items())
+        size = lambda d: os.path.getsize(os.path.join(tmp, d, "model.safetensors"))
+        assert abs(size("bf16") / size("hf2") - 0.5) < 0.01
+        assert not [n for n in os.listdir(tmp) if n.startswith(".")]  # no temporary directory left behind
+
+
+def test_hf_safetensors_writer_against_a_handwritten_reader():
+    """Our writer's file, read by a header reader written here: 8-byte length, JSON header with
+    dtype/shape/data_offsets, 8-aligned data, tensors back to the bit; tied or sliced tensors are written as their own bytes. A truncated file is
+    one ValueError naming it."""
+    base = torch.randn(6, 4)
+    tensors = {"a": base, "tied": base, "slice": base[:, 1], "bf": torch.randn(3, 5).bfloat16(),
+               "half": torch.randn(7).half(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "t.safetensors")
+        hf.write_safetensors(path, tensors, {"format": "pt"})
+        header, start = _hf_read_header(path)
+        assert start % 8 == 0 and header.pop("__metadata__") == {"format": "pt"}
+        with open(path, "rb") as f:
+            raw = f.read()
+        end = 0
+        for name, t in tensors.items():
+            h = header[name]
+            assert h["shape"] == list(t.shape) and h["data_offsets"][0] == end, (name, h)
+            end = h["data_offsets"][1]
+            got = np.frombuffer(raw[start + h["data_offsets"][0]:start + end], dtype="<u2" if t.dtype == torch.bfloat16
+                                else {"F32": "<f4", "F16": "<f2"}[h["dtype"]])
+            want = t.view(torch.int16).numpy().view("<u2") if t.dtype == torch.bfloat16 else t.contiguous().numpy()
+            assert np.array_equal(got, want.reshape(-1)), name
+        assert start + end == len(raw)
+        ours = hf.read_safetensors(path)
+        assert all(torch.equal(ours[k], v) and ours[k].dtype == v.dtype for k, v in tensors.items())
+        with open(os.path.join(tmp, "cut.safetensors"), "wb") as f:
+            f.write(raw[:-3])
+        open(os.path.join(tmp, "empty.safetensors"), "wb").close()
+        for name in ("cut.safetensors", "empty.safetensors"):
+            assert name in _hf_error(hf.read_safetensors, os.path.join(tmp, name))
+
+
+def test_hf_safetensors_writer_read_by_the_safetensors_package():
+    """The safetensors package reads our writer's file to the same tensors, and ours reads the package's file."""
+    safetensors_torch, = _hf_need("safetensors.torch")
+    tensors = {"w": torch.randn(5, 3), "b": torch.randn(4).bfloat16(), "h": torch.randn(2, 2).half(),
+               "s": torch.tensor(1.0)}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.write_safetensors(os.path.join(tmp, "ours.safetensors"), tensors)
+        theirs = safetensors_torch.load_file(os.path.join(tmp, "ours.safetensors"))
+        assert theirs.keys() == tensors.keys() and all(torch.equal(theirs[k], v) for k, v in tensors.items())
+        safetensors_torch.save_file(tensors, os.path.join(tmp, "theirs.safetensors"))
+        back = hf.read_safetensors(os.path.join(tmp, "theirs.safetensors"))
+        assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+
+
+def _hf_gpt2_layout_tokenizer(tmp: str) -> bpe.Tokenizer:
+    """vocab.json + merges.txt laid out as GPT-2's own (bytes in its byte-to-unicode order, <|endoftext|> last), written
+    here: GPT-2's real files are not in the repository and tests download nothing."""
+    b2u = _bpe_byte_to_unicode()
+    merges = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he"), (b"\xf0", b"\x9f"), (b"\n", b"\n"), (b" ", b" ")]
+    tokens = [bytes([b]) for b in b2u] + [a + b for a, b in merges] + [_BPE_EOT.encode()]
+    spell = lambda t: "".join(b2u[c] for c in t)
+    with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({spell(t): i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{spell(a)} {spell(b)}\n" for a, b in merges))
+    tok = bpe.load_tokenizer(tmp)
+    assert tok.special_ids[_BPE_EOT] == 262
+    return tok
+
+
+def _hf_tokenizer_files(tmp: str):
+    """(tokenizer, its tokenizer.json path) for a trained tokenizer and a GPT-2-layout one."""
+    for name, tok in (("trained", _hf_tokenizer(tmp)), ("gpt2", _hf_gpt2_layout_tokenizer(tmp))):
+        path = os.path.join(tmp, f"{name}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(hf.tokenizer_json(tok), f, ensure_ascii=False)
+        yield tok, path
+
+
+def test_hf_tokenizer_json_round_trips_to_the_same_tokenizer():
+    """read_tokenizer_json(tokenizer_json(tok)) is tok again: vocab, merges, special ids (trained, GPT-2 layout)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for tok, path in _hf_tokenizer_files(tmp):
+            back = hf.read_tokenizer_json(path)
+            assert back.vocab == tok.vocab and back.merges == tok.merges and back.special_ids == tok.special_ids
+            assert all(back.encode(text) == tok.encode(text) for text in _HF_TEXTS)
+
+
+def test_hf_tokenizer_json_gives_our_ids_in_tokenizers():
+    """The tokenizers package, given our tokenizer.json (trained and GPT-2 layout), gives exactly our ids and text back
+    on unicode, emoji, whitespace runs (trailing spaces, blank lines, tabs, unusual spaces) and special tokens."""
+    tokenizers, = _hf_need("tokenizers")
+    rng = random.Random(0)
+    texts = _HF_TEXTS + [_bpe_random_unicode(rng, 200) for _ in range(5)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for tok, path in _hf_tokenizer_files(tmp):
+            theirs = tokenizers.Tokenizer.from_file(path)
+            for text in texts:
+                assert theirs.encode(text).ids == tok.encode(text), text
+                assert theirs.decode(tok.encode(text), skip_special_tokens=False) == text
+
+
+def test_hf_digits_pre_tokenizer_gives_the_ids_of_tokenizers():
+    """Digits(individual_digits=True) before GPT-2's ByteLevel (SmolLM2's pre-tokenizer) imports as a DigitsTokenizer
+    whose ids equal the tokenizers package's on text with digit runs, spaces before digits and other scripts' digits."""
+    tokenizers, = _hf_need("tokenizers")
+    texts = _HF_TEXTS + ["in 2024, 1,000,000 and 3.14159  42\n\n 7 ٣٤ ½ x1y22", "  12  ab3 "]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _bpe_trained(tmp, " ".join(_HF_TEXTS) + " in 2024 and 1000 or 20.24" * 30, 300)  # digit merges
+        tj = hf.tokenizer_json(tok)
+        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                     tj["pre_tokenizer"]]}
+        path = os.path.join(tmp, "tokenizer.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(tj, f, ensure_ascii=False)
+        ours, theirs = hf.read_tokenizer_json(path), tokenizers.Tokenizer.from_file(path)
+        assert isinstance(ours, hf.DigitsTokenizer) and ours.encode("in 2024") != tok.encode("in 2024")
+        for text in texts:
+            assert ours.encode(text) == theirs.encode(text).ids, text
+            assert ours.decode(ours.encode(text)) == text
+
+
+def test_hf_import_transformers_llama_and_qwen3():
+    """A random LlamaForCausalLM (GQA, untied, rms_norm_eps 1e-6, sharded files) and Qwen3ForCausalLM (tied) built
+    and saved by transformers import into TransformerLM with logits equal to theirs (1e-5, float32); exported again
+    they give transformers' tensors bit for bit; a bfloat16 save imports as the same values in float32."""
+    transformers, = _hf_need("transformers")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    shape = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=32, rms_norm_eps=1e-6)
+    cases = [(transformers.LlamaConfig(**shape, num_key_value_heads=2, rope_theta=20000.0), "20KB"),
+             (transformers.Qwen3Config(**shape, num_key_value_heads=1, head_dim=12, tie_word_embeddings=True), "50GB")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (config, shard) in enumerate(cases):
+            torch.manual_seed(i)
+            theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
+            with torch.no_grad():
+                for name, p in theirs.named_parameters():
+                    p.copy_(torch.randn_like(p) * (0.3 if p.dim() == 1 else 0.1) + (p.dim() == 1))
+            out = os.path.join(tmp, f"m{i}")
+            theirs.save_pretrained(out, max_shard_size=shard)
+            assert os.path.isfile(os.path.join(out, "model.safetensors.index.json")) == (shard == "20KB")
+            ours, tok = hf.load_pretrained(out)
+            assert tok is None and ours.config["qk_norm"] == (i == 1)
+            idx = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(i))
+            with torch.no_grad():
+                diff = (ours(idx) - theirs(idx).logits).abs().max().item()
+            assert diff < 1e-5, (type(theirs).__name__, diff)
+            hf.save_pretrained(ours, None, os.path.join(tmp, f"again{i}"))  # and out again: the same HF tensors
+            again = hf.read_safetensors(os.path.join(tmp, f"again{i}", "model.safetensors"))
+            want = {k: v for k, v in theirs.state_dict().items() if not (k == "lm_head.weight" and i == 1)}
+            assert again.keys() == want.keys() and all(torch.equal(again[k], want[k]) for k in want)
+            with open(os.path.join(tmp, f"again{i}", "config.json")) as f:
+                assert json.load(f)["rms_norm_eps"] == 1e-6
+        theirs.to(torch.bfloat16).save_pretrained(os.path.join(tmp, "bf16"))  # bf16 files import as float32
+        ours = hf.read_pretrained(os.path.join(tmp, "bf16"))["state_dict"]
+        want = {k: v.float() for k, v in theirs.state_dict().items()}
+        assert torch.equal(ours["layers.1.ffn.w2.weight"], want["model.layers.1.mlp.down_proj.weight"])
+        assert ours["layers.0.attn.q_norm.weight"].dtype == torch.float32
+
+
+def _hf_tiny_checkpoint(root: str, tokenizer_record: str = "new") -> str:
+    """out_dir with a ckpt.pt of a tiny model, its tokenizer in root/tok, as train.py writes (new or old record)."""
+    os.makedirs(root, exist_ok=True)
+    tok = _hf_tokenizer(root)
+    out_dir = os.path.join(root, "out")
+    os.makedirs(out_dir)
+    model = _hf_model(0)
+    record = ({"tokenizer": {"dir": os.path.join(root, "tok"), "rel": os.path.join("..", "tok"),
+                             "special_tokens": list(tok.special_ids)}} if tokenizer_record == "new"
+              else {"tokenizer_dir": os.path.join(root, "tok"), "config": {"special_tokens": list(tok.special_ids)}})
+    train.save_checkpoint(model, AdamW(model.parameters()), 0, os.path.join(out_dir, "ckpt.pt"), **record)
+    return out_dir
+
+
+def test_hf_export_cli_and_sample_init_from():
+    """export.py on a train.py checkpoint (new `tokenizer` record, found again after moving the folders; old
+    tokenizer_dir record) writes a directory that sample.py --init_from=hf:PATH samples from, greedy = ours."""
+    import export
+    import sample
+    with tempfile.TemporaryDirectory() as root:
+        out_dir = _hf_tiny_checkpoint(os.path.join(root, "a"))
+        moved = os.path.join(root, "moved")
+        os.rename(os.path.join(root, "a"), moved)  # the absolute dir is gone; the relative one still works
+        to = os.path.join(root, "hf", "tiny")
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            export.main([f"--out_dir={os.path.join(moved, 'out')}", f"--to={to}"])
+        assert "LlamaForCausalLM" in printed.getvalue()
+        old = _hf_tiny_checkpoint(os.path.join(root, "b"), "old")
+        with contextlib.redirect_stdout(io.StringIO()):
+            export.main([f"--out_dir={old}", f"--to={to}", "--force=True"])
+        ours, tok = hf.load_pretrained(to)
+        assert all(torch.equal(v, ours.state_dict()[k]) for k, v in _hf_model(0).state_dict().items())
+        assert not [n for n in os.listdir(os.path.join(root, "hf")) if n != "tiny"]  # no temporary directory left
+        want = tok.decode(tok.encode("To be") + generate(ours, tok.encode("To be"), 5, 0.0,
+                                                         eos_id=tok.special_ids[_BPE_EOT]))
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            sample.main([f"--init_from=hf:{to}", "--temperature=0", "--num_samples=1", "--max_new_tokens=5",
+                         "--prompt=To be", "--device=cpu"])
+        assert printed.getvalue().endswith(want + "\n"), (printed.getvalue(), want)
+
+
+def _hf_error(fn, *args) -> str:
+    try:
+        fn(*args)
+    except (ValueError, OSError) as e:
+        assert "\n" not in str(e), str(e)
+        return str(e)
+    raise AssertionError(f"{fn.__name__}{args} did not refuse")
+
+
+def test_hf_bad_inputs_one_line_errors():
+    """Missing or damaged checkpoint, an existing --to, flags Llama/Qwen3 cannot express, HF fields and tokenizers we
+    cannot run: each is one line naming what and, from the CLI, exit code 2 without a traceback."""
+    import export
+    import sample
+    cli = lambda *a: subprocess.run([sys.executable, export.__file__, *a], capture_output=True, text=True, timeout=60)
+    with tempfile.TemporaryDirectory() as root:
+        out_dir, to = _hf_tiny_checkpoint(root), os.path.join(root, "full")
+        os.makedirs(to)
+        open(os.path.join(to, "keep.txt"), "w").close()
+        run = cli(f"--out_dir={out_dir}", f"--to={to}")
+        assert run.returncode == 2 and "--force=True" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+        assert os.listdir(to) == ["keep.txt"]
+        os.rename(os.path.join(root, "tok"), os.path.join(root, "gone"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert "its tokenizer" in _hf_error(export.main, [f"--out_dir={out_dir}", f"--to={root}/z"])
+        ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+        del ckpt["model"]["layers.1.ffn.w2.weight"]
+        torch.save(ckpt, os.path.join(root, "ckpt.pt"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert "layers.1.ffn.w2.weight" in _hf_error(export.main, [f"--out_dir={root}", f"--to={root}/y"])
+        with open(os.path.join(root, "ckpt.pt"), "wb") as f:
+            f.write(b"PK\x03\x04 not a checkpoint")
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert "truncated or corrupt" in _hf_error(export.main, [f"--out_dir={root}", f"--to={root}/y"])
+            assert "no checkpoint at" in _hf_error(export.main, [f"--out_dir={root}/nothing", f"--to={root}/x"])
+            assert "dtype='float16'" in _hf_error(export.main, [f"--to={root}/x", "--dtype=float16"])
+            assert "--to is empty" in _hf_error(export.main, [f"--out_dir={out_dir}"])
+            assert "init_from='gpt2'" in _hf_error(sample.main, ["--init_from=gpt2", "--device=cpu"])
+        for flags, named in (({"norm": "post"}, "norm='post'"), ({"norm": "none"}, "norm='none'"),
+                             ({"pos": "none"}, "pos='none'"), ({"ffn": "silu"}, "ffn='silu'"),
+                             ({"block": "parallel"}, "block='parallel'"),
+                             ({"logit_softcap": 30.0}, "logit_softcap=30.0")):
+            cfg = model.model_config(10, 8, 16, 1, 2, **flags)
+            assert named in _hf_error(hf.check_exportable, cfg) and "no Llama/Qwen3 equivalent" in _hf_error(
+                hf.check_exportable, cfg)
+        both = _hf_error(hf.check_exportable, model.model_config(10, 8, 16, 1, 2, pos="none", ffn="silu"))
+        assert "pos='none', ffn='silu'" in both  # every unsupported flag at once
+        llama = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 48, "intermediate_size": 96,
+                 "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 32}
+        hf.config_from_hf(llama)
+        for change, named in (({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
+                              ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+                              ({"rope_parameters": {"rope_type": "yarn"}}, "rope_type"),
+                              ({"use_sliding_window": True}, "use_sliding_window"),
+                              ({"hidden_act": "gelu"}, "hidden_act"), ({"head_dim": 16}, "head_dim=16"),
+                              ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHead")):
+            assert named in _hf_error(hf.config_from_hf, {**llama, **change}), change
+        no_width = {k: v for k, v in llama.items() if k != "hidden_size"}
+        assert "lacks 'hidden_size'" in _hf_error(hf.config_from_hf, no_width)
+        tj = hf.tokenizer_json(_hf_tokenizer(root))
+        digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False},
+                                                        tj["pre_tokenizer"]]}
+        for change, named in (({"model": {"type": "Unigram", "vocab": []}}, "Unigram"),
+                              ({"pre_tokenizer": digits}, "Digits+ByteLevel"),
+                              ({"normalizer": {"type": "NFC"}}, "normalizer"),
+                              ({"model": {**tj["model"], "byte_fallback": True}}, "byte_fallback")):
+            path = os.path.join(root, "tokenizer.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({**tj, **change}, f)
+            assert named in _hf_error(hf.read_tokenizer_json, path), change
+        with open(os.path.join(root, "config.json"), "w") as f:
+            json.dump(llama, f)
+        os.remove(path)
+        open(os.path.join(root, "tokenizer.model"), "wb").close()
+        with open(os.path.join(root, "model.safetensors"), "wb") as f:
+            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+        assert "not a readable safetensors file" in _hf_error(hf.read_pretrained, root)
+        hf.save_pretrained(_hf_model(), None, os.path.join(root, "ok"))
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(os.path.join(root, "ok", name), os.path.join(root, name))
+        assert "SentencePiece" in _hf_error(hf.read_pretrained, root)
 
 
 # ----------------------------------------------------------------------------------------------------
