@@ -6,13 +6,13 @@
 Then: AutoModelForCausalLM.from_pretrained("hf/tinystories") and AutoTokenizer.from_pretrained("hf/tinystories").
 """
 import os
-import sys
 import time
 
 import bpe
 import hf
 import train
-from configurator import configure
+from checkpoint import checkpoint_tokenizer, read_checkpoint
+from configurator import configure, run_cli
 from model import model_config
 
 DEFAULTS = {
@@ -23,25 +23,6 @@ DEFAULTS = {
 }
 
 
-def checkpoint_tokenizer(ckpt: dict, ckpt_path: str) -> bpe.Tokenizer:
-    """The tokenizer a checkpoint was trained with: its `tokenizer` record {dir, rel (to the checkpoint's folder),
-    special_tokens}, or the older `tokenizer_dir` (tried from here, then from the checkpoint's folder) with
-    config["special_tokens"]."""
-    info, here = ckpt.get("tokenizer"), os.path.dirname(os.path.abspath(ckpt_path))
-    if isinstance(info, dict):
-        specials = info.get("special_tokens", [bpe.EOT])
-        candidates = [info.get("dir"), info.get("rel") and os.path.join(here, info["rel"])]
-    else:
-        specials, old = ckpt.get("config", {}).get("special_tokens", [bpe.EOT]), ckpt.get("tokenizer_dir")
-        candidates = [old, old and os.path.join(here, old)]
-    candidates = [d for d in candidates if d]
-    for d in candidates:
-        if os.path.isfile(os.path.join(d, "vocab.json")):
-            return bpe.load_tokenizer(d, specials)
-    raise FileNotFoundError(f"{ckpt_path}: its tokenizer (vocab.json + merges.txt) is not in "
-                            f"{' or '.join(candidates) or 'the checkpoint'}; put it back there")
-
-
 def main(argv: list[str]) -> None:
     cfg = configure(DEFAULTS, argv)
     if not cfg["to"]:
@@ -49,21 +30,23 @@ def main(argv: list[str]) -> None:
     hf.check_dtype(cfg["dtype"])
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     t0 = time.perf_counter()
-    ckpt = train.read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)
+    if "model_config" not in ckpt:
+        raise ValueError(f"{ckpt_path} holds no model_config: not a TransformerLM checkpoint of train.py")
     try:
         hf.check_exportable(model_config(**ckpt["model_config"]))  # refuse unsupported flags before building anything
     except TypeError as e:
         raise ValueError(f"{ckpt_path} does not fit this model.py ({e})") from None
+    tokenizer_dir, specials = checkpoint_tokenizer(ckpt, ckpt_path)
+    if tokenizer_dir is None:
+        raise FileNotFoundError(f"{ckpt_path}: its tokenizer (vocab.json + merges.txt, the one it was trained with) is no "
+                                "longer where the checkpoint says; put it back there")
     model = hf.build_model(ckpt["model_config"], ckpt["model"], f"the weights in {ckpt_path}")
-    hf.save_pretrained(model, checkpoint_tokenizer(ckpt, ckpt_path), cfg["to"], cfg["dtype"], cfg["force"])
+    hf.save_pretrained(model, bpe.load_tokenizer(tokenizer_dir, specials), cfg["to"], cfg["dtype"], cfg["force"])
     size = os.path.getsize(os.path.join(cfg["to"], "model.safetensors"))
     print(f"wrote {cfg['to']} ({hf.hf_config(model.config, None)['architectures'][0]}, {cfg['dtype']}, "
           f"model.safetensors {size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
