@@ -2985,6 +2985,29 @@ def _hf_error(fn, *args) -> str:
     raise AssertionError(f"{fn.__name__}{args} did not refuse")
 
 
+def test_hf_init_from_fine_tunes_an_imported_model_with_its_tokenizer():
+    """train.py --init_from=hf:DIR: the flags and weights come from the directory, its tokenizer is written to a new
+    tokenizer_dir and tokenizes the raw text; a second run finds it there."""
+    with tempfile.TemporaryDirectory() as root:
+        tok = _hf_tokenizer(root)
+        ours = _hf_model(3, n_kv_heads=2)
+        hf.save_pretrained(ours, tok, os.path.join(root, "hf"))
+        text = _bpe_write(os.path.join(root, "text.txt"), ("To be, or not to be. " * 40 + _BPE_EOT) * 4)
+        cfg = dict(train.DEFAULTS, init_from=f"hf:{os.path.join(root, 'hf')}", train_data=text, val_data=text,
+                   tokenizer_dir=os.path.join(root, "tuned_tok"), out_dir=os.path.join(root, "out"), device="cpu",
+                   batch_size=2, max_iters=0, eval_tokens=0)
+        tuned, out = _quiet_main(cfg)
+        assert tuned["model"].config == ours.config and "starting from the weights of hf:" in out
+        _pipeline_assert_same_params(ours, tuned["model"])
+        assert bpe.load_tokenizer(cfg["tokenizer_dir"]).merges == tok.merges
+        ids = tok.encode(open(text).read())
+        windows = [ids[s:s + 33] for s in range(0, (len(ids) - 1) // 32 * 32, 32)]
+        want = sum(ours.loss(torch.tensor([w[:-1]]), torch.tensor([w[1:]]))[0].item() for w in windows) / len(windows)
+        assert math.isclose(tuned["val_loss"], want, rel_tol=1e-5)
+        again, _ = _quiet_main(dict(cfg, max_iters=2, warmup_iters=1, out_dir=os.path.join(root, "again")))
+        assert again["step"] == 2
+
+
 def test_hf_bad_inputs_one_line_errors():
     """Missing or damaged checkpoint, an existing --to, flags Llama/Qwen3 cannot express, HF fields and tokenizers we
     cannot run: each is one line naming what and, from the CLI, exit code 2 without a traceback."""

@@ -119,7 +119,8 @@ def check_config(cfg: dict) -> dict:
     checks |= {"min_lr": (number("min_lr") and 0 <= cfg["min_lr"] <= cfg["lr"], "a value between 0 and lr, or None "
                           "(lr x min_lr_ratio)"),
                "min_lr_ratio": (0 <= cfg["min_lr_ratio"] <= 1, "a fraction in [0, 1]"),
-               "cosine_iters": (isinstance(cfg["cosine_iters"], int) and cfg["cosine_iters"] >= cfg["warmup_iters"],
+               "cosine_iters": (isinstance(cfg["cosine_iters"], int) and (cfg["cosine_iters"] >= cfg["warmup_iters"]
+                                                                         or cfg["max_iters"] == 0),
                                 f"a step at or after warmup_iters={cfg['warmup_iters']} (the decay cannot start "
                                 "before the warm-up ends), or None (max_iters); or lower warmup_iters"),
                "betas": (len(cfg["betas"]) == 2 and all(0 <= b < 1 for b in cfg["betas"]), "two numbers in [0, 1)"),
@@ -170,7 +171,7 @@ def read_source(cfg: dict) -> tuple[dict | None, str]:
         return None, ""
     if path.startswith("hf:"):
         import hf  # only fine-tuning an imported model needs it
-        return {**hf.read_pretrained(path[3:]), "iteration": 0}, path
+        return {**hf.read_pretrained(path[3:]), "iteration": 0}, path  # model_config, state_dict, tokenizer
     ckpt = read_checkpoint(path)
     if "model_config" not in ckpt:
         raise ValueError(f"init_from={path} holds no model_config (not a TransformerLM checkpoint of train.py)")
@@ -195,20 +196,23 @@ def check_resume(ckpt: dict, cfg: dict, flags: dict, path: str) -> None:
 def check_tokenizer_source(cfg: dict, source: dict | None, name: str) -> bpe.Tokenizer | None:
     """Starting from other weights, tokenizer_dir must hold their tokenizer to tokenize raw text (an imported one is
     written there when the directory has none: returned for writing once every check has passed)."""
-    if source is None:
+    if source is None or all(cfg[key].endswith(".bin") for key in ("train_data", "val_data")):
         return None
     have = os.path.isfile(os.path.join(cfg["tokenizer_dir"], "vocab.json"))
-    raw_text = not all(cfg[key].endswith(".bin") for key in ("train_data", "val_data"))
-    if source["tokenizer"] is None:  # a train.py checkpoint: its tokenizer directory is recorded
-        if raw_text and not have:
-            where = source["tokenizer_dir"] or "not found"
+    imported = source["tokenizer"]
+    if "tokenizer_dir" in source:  # a train.py checkpoint: its tokenizer directory is recorded
+        if not have:
             raise ValueError(f"init_from={name}: tokenizer_dir={cfg['tokenizer_dir']!r} holds no tokenizer; set it "
-                             f"to the one these weights were trained with ({where})")
+                             f"to the one these weights were trained with ({source['tokenizer_dir'] or 'not found'})")
         return None
+    if imported is None or type(imported) is not bpe.Tokenizer:  # bpe.encode_file tokenizes with a plain Tokenizer
+        why = "has no tokenizer.json" if imported is None else "has a tokenizer that splits digits off first"
+        raise ValueError(f"init_from={name} {why}, which bpe.py cannot tokenize raw text with; pass train_data and "
+                         "val_data as .bin files of its token ids")
     if not have:
-        return source["tokenizer"]
+        return imported
     mine = bpe.load_tokenizer(cfg["tokenizer_dir"], cfg["special_tokens"])
-    if (mine.vocab, mine.merges) != (source["tokenizer"].vocab, source["tokenizer"].merges):
+    if (mine.vocab, mine.merges) != (imported.vocab, imported.merges):
         raise ValueError(f"init_from={name}: tokenizer_dir={cfg['tokenizer_dir']!r} holds another tokenizer; "
                          "point it at a new directory (the imported tokenizer is written there)")
     return None
@@ -269,13 +273,14 @@ def setup_distributed(device_name: str) -> tuple[int, int, int, object]:
     return rank, local_rank, world, dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
 
 
-def prepare_data(cfg: dict, rank: int, world: int, group) -> list[str]:
-    """Token files for train_data and val_data: rank 0 trains the tokenizer and tokenizes first; the other ranks wait,
-    then find them cached. A failure on rank 0 reaches every rank as the same one-line error."""
+def prepare_data(cfg: dict, rank: int, world: int, group, vocab_size: int) -> list[str]:
+    """Token files for train_data and val_data, with a tokenizer of vocab_size tokens: rank 0 trains the tokenizer and
+    tokenizes first; the other ranks wait, then find them cached. A failure on rank 0 reaches every rank as the same
+    one-line error."""
     error = None
     if rank == 0:
         try:
-            data.prepare_splits([cfg["train_data"], cfg["val_data"]], cfg["tokenizer_dir"], cfg["vocab_size"],
+            data.prepare_splits([cfg["train_data"], cfg["val_data"]], cfg["tokenizer_dir"], vocab_size,
                                 cfg["special_tokens"])
         except (ValueError, OSError) as e:
             error = str(e)
@@ -285,7 +290,7 @@ def prepare_data(cfg: dict, rank: int, world: int, group) -> list[str]:
         error = message[0]
     if error is not None:
         raise ValueError(error)
-    return data.prepare_splits([cfg["train_data"], cfg["val_data"]], cfg["tokenizer_dir"], cfg["vocab_size"],
+    return data.prepare_splits([cfg["train_data"], cfg["val_data"]], cfg["tokenizer_dir"], vocab_size,
                                cfg["special_tokens"])
 
 
@@ -618,11 +623,14 @@ def main(cfg: dict) -> dict:
     if ckpt is not None:
         check_resume(ckpt, cfg, flags, ckpt_path)
     cfg.update(flags)
+    if source and source["tokenizer"] and cfg["special_tokens"] == DEFAULTS["special_tokens"]:
+        cfg["special_tokens"] = tuple(source["tokenizer"].special_ids)  # an imported model's own
     new_tokenizer = check_tokenizer_source(cfg, source, source_name)
     if new_tokenizer is not None and master:
         os.makedirs(cfg["tokenizer_dir"], exist_ok=True)
         new_tokenizer.save(*(os.path.join(cfg["tokenizer_dir"], f) for f in ("vocab.json", "merges.txt")))
-    bins = prepare_data(cfg, rank, world, prep_group)
+    imported = source and source["tokenizer"]  # its vocabulary may be smaller than the model's (padded) embedding
+    bins = prepare_data(cfg, rank, world, prep_group, imported.vocab_size if imported else cfg["vocab_size"])
     train_tokens, val_tokens = (data.load_tokens(path, cfg["vocab_size"]) for path in bins)
     val_starts = check_lengths(cfg, bins, [train_tokens, val_tokens])
     if cfg["eval_tokens"] > len(val_starts) * cfg["context_length"]:
