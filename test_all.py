@@ -1584,6 +1584,29 @@ def test_failing_run_leaves_the_previous_out_dir_byte_for_byte():
             assert snapshot() == before, bad
 
 
+def test_ctrl_c_during_evaluation_stops_within_seconds():
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _pipeline_cfg(root, val_data=_pipeline_tokens(os.path.join(root, "big.bin"), n=400_000), eval_tokens=0,
+                            batch_size=1, max_iters=10)
+        log, finished, sent = os.path.join(cfg["out_dir"], "log.csv"), threading.Event(), []
+
+        def interrupt_once_evaluating():  # log.csv's header is written just before the step-0 evaluation
+            while not os.path.exists(log):
+                if finished.wait(0.01):
+                    return
+            time.sleep(0.3)
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt_once_evaluating, daemon=True).start()
+        try:
+            result, out = _quiet_main(cfg)  # the whole evaluation: 25,000 windows one at a time
+        finally:
+            finished.set()
+        assert sent and time.perf_counter() - sent[0] < 5 and result["status"] == "interrupted", out
+        assert result["step"] == 0 and train.read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))["iteration"] == 0
+
+
 def test_compile_failure_and_a_failing_kernel_fall_back_with_one_line_and_the_same_losses():
     with tempfile.TemporaryDirectory() as root:
         cfg = _pipeline_cfg(root, max_iters=3, compile=False, kernels=False)

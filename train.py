@@ -699,7 +699,8 @@ def main(cfg: dict) -> dict:
         save_checkpoint(model, optimizer, step, ckpt_path, config=cfg, tokenizer_dir=cfg["tokenizer_dir"],
                         tokenizer=tokenizer, rng=rng, loop=dataclasses.asdict(loop), scaler=scaler.state_dict())
 
-    start, status, val_loss, val_bpb, saved_step = step, "done", None, None, step
+    start, status, val_loss, val_bpb = step, "done", None, None
+    saved_step = step if ckpt is not None else None  # the step ckpt.pt holds
     pending, window = [], (loop.elapsed, step)  # steps not yet read back; (training seconds, step) at the last line
     clock = time.perf_counter()
     with stop_on_signal() as stop_signals:
@@ -718,7 +719,8 @@ def main(cfg: dict) -> dict:
                     if master:
                         write_row(log_path, step=bad, tokens=loop.tokens, elapsed_s=round(loop.elapsed, 3),
                                   status=status, **loop.last)
-                    say(f"diverged at step {bad}: {problem}; stopped, {ckpt_path} keeps step {saved_step}")
+                    kept = f"{ckpt_path} keeps step {saved_step}" if saved_step is not None else "nothing saved"
+                    say(f"diverged at step {bad}: {problem}; stopped, {kept}")
                     step = bad - 1
                     break
                 pending = []
