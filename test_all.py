@@ -2267,6 +2267,151 @@ def test_kernels_triton_attention():
             _kernels_check(f"{name} {grad_name}", g, g64, tol * 4, tol)
 
 
+_KERNELS_AOT_SCRIPT = r'''
+"""Compile-only run of kernels.py's wrappers, forward and backward, for the GPU arch in argv[1] (80, 90) on a
+machine without one: a stand-in CUDA driver makes Triton compile for that target, and every launch becomes a
+warm-up (compile, never run). One JSON line per launch: kernel, grid, shared memory and cuobjdump's counts."""
+import json, os, re, subprocess, sys, tempfile
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver, jit
+
+
+class FakeDriver:
+    """Just enough of Triton's CUDA driver for compiling to `cap` (e.g. 90 = sm_90)."""
+    def __init__(self, cap):
+        self.target = GPUTarget("cuda", cap, 32)
+    def is_active(self): return True
+    def get_current_target(self): return self.target
+    def get_current_device(self): return 0
+    def set_current_device(self, device): pass
+    def get_current_stream(self, device=None): return 0
+    def get_active_torch_device(self): return torch.device("cpu")
+    def get_device_interface(self): return torch.cuda
+    def get_benchmarker(self): raise RuntimeError("no benchmarker without a GPU")
+
+
+driver.set_active(FakeDriver(int(sys.argv[1])))
+launched, _run = [], jit.JITFunction.run
+def compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    launched.append((self.fn.__name__, grid, kernel))
+    return kernel
+jit.JITFunction.run = compile_only
+import kernels
+kernels._use_triton = lambda x: True  # CPU tensors stand in for CUDA ones: only their shapes and dtypes matter
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def usage(kernel):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", out)}
+
+
+def leaf(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype).requires_grad_()  # never touched, so never paged in
+
+
+def attention(dtype, rope, batch, heads, kv_heads, seq, d):
+    q = leaf(batch, seq, heads, d, dtype=dtype).transpose(1, 2)  # (B, H, T, d) views, as the model makes them
+    k, v = (leaf(batch, seq, kv_heads, d, dtype=dtype).transpose(1, 2) for _ in range(2))
+    cos = sin = torch.zeros(seq, d // 2) if rope else None
+    o = kernels.attention(q, k, v, True, cos, sin)
+    o.backward(torch.empty_like(o))
+
+
+def rmsnorm(dtype, rows, d):
+    y = kernels.rmsnorm(leaf(rows, d, dtype=dtype), leaf(d, dtype=torch.float32))
+    y.backward(torch.empty_like(y))
+
+
+def swiglu(dtype, rows, d_ff, gated):
+    a, b = leaf(rows, d_ff, dtype=dtype), leaf(rows, d_ff, dtype=dtype)
+    y = kernels.swiglu(a, b) if gated else kernels.silu(a)
+    y.backward(torch.empty_like(y))
+
+
+def cases():
+    """A covering set, since a cold compile costs seconds per attention case: the largest head dim of each tile
+    configuration (64, 128), where registers and shared memory peak, in bf16 with and without RoPE, fp16 and
+    fp32 (whose RoPE runs in torch); head dims 16 and 24; an odd length with grouped kv heads and the aligned
+    multi-head TinyStories shape (different integer specialisations; multi-query shares the grouped binary);
+    the norms and gates at the model widths; and more than 65,535 heads in one launch."""
+    attn = [("bf16", True, 64), ("bf16", True, 128), ("bf16", False, 128), ("fp16", True, 128), ("fp32", True, 64),
+            ("fp32", False, 128), ("bf16", True, 16), ("bf16", True, 24), ("fp32", False, 24)]
+    for name, rope, d in attn:
+        yield f"attention {name} rope={rope} H8/2 T37 d{d}", attention, (DTYPES[name], rope, 2, 8, 2, 37, d)
+    yield "attention bf16 rope=True H8/1 T37 d64", attention, (torch.bfloat16, True, 2, 8, 1, 37, 64)
+    yield "attention bf16 rope=True H16/16 T256 d32", attention, (torch.bfloat16, True, 2, 16, 16, 256, 32)
+    yield "attention bf16 rope=True B4097 H16/16 T16 d32", attention, (torch.bfloat16, True, 4097, 16, 16, 16, 32)
+    for name, dtype in DTYPES.items():
+        for d in (24, 64, 768, 1600):
+            yield f"rmsnorm {name} d{d}", rmsnorm, (dtype, 37, d)
+        for d_ff in (1344, 37):
+            yield f"swiglu {name} d_ff{d_ff}", swiglu, (dtype, 5, d_ff, True)
+            yield f"silu {name} d_ff{d_ff}", swiglu, (dtype, 5, d_ff, False)
+
+
+resources = {}  # kernel hash -> cuobjdump's counts
+for case, fn, args in cases():
+    launched.clear()
+    try:
+        fn(*args)
+    except Exception as e:
+        print(json.dumps({"case": case, "error": f"{type(e).__name__}: {(str(e).strip() or '?').splitlines()[0]}"}))
+        continue
+    for name, grid, kernel in launched:
+        if kernel.hash not in resources:
+            resources[kernel.hash] = usage(kernel)
+        print(json.dumps({"case": case, "kernel": name, "hash": kernel.hash, "grid": list(grid),
+                          "smem": kernel.metadata.shared, **resources[kernel.hash]}), flush=True)
+'''
+_KERNELS_SMEM_LIMIT = {80: 166_912, 90: 232_448}  # bytes of dynamic shared memory per block: A100, H100
+
+
+def test_kernels_compile_ahead_of_time_sm80_sm90():
+    """Every Triton kernel configuration the model can launch compiles for sm_80 and sm_90 without spills and
+    within the arch's shared memory, with batch * heads on grid axis 0 (no GPU needed: see _KERNELS_AOT_SCRIPT)."""
+    if not kernels.HAS_TRITON:
+        raise Skipped("Triton is not importable here")
+    tools = os.path.join(os.path.dirname(kernels.triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(tools, tool)) for tool in ("ptxas", "cuobjdump")):
+        raise Skipped(f"ptxas or cuobjdump missing from {tools}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, stated to silence its warning
+    repo = os.path.dirname(os.path.abspath(kernels.__file__))
+    runs = {arch: subprocess.Popen([sys.executable, "-c", _KERNELS_AOT_SCRIPT, str(arch)], cwd=repo, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for arch in _KERNELS_SMEM_LIMIT}  # one process per arch, in parallel
+    problems, names, seen = [], set(), set()
+    for arch, run in runs.items():
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, f"sm_{arch} compile script failed:\n{err[-3000:]}"
+        for row in map(json.loads, out.splitlines()):
+            if "error" in row:
+                problems.append(f"sm_{arch} {row['case']}: {row['error']}")
+                continue
+            names.add(row["kernel"])
+            if row["kernel"].startswith("_attn") and row["grid"][1] > 65_535 or "B4097" in row["case"] and (
+                    row["grid"][0] != 4097 * 16):
+                problems.append(f"sm_{arch} {row['case']} {row['kernel']}: grid {row['grid']} (axis 1 caps at 65,535)")
+            if (arch, row["hash"]) in seen:
+                continue  # the same binary as an earlier case
+            seen.add((arch, row["hash"]))
+            print(f"  sm_{arch} {row['case']:<42} {row['kernel']:<23} regs={row['reg']:<3} smem={row['smem']:<6} "
+                  f"spills={row['local']} stack={row['stack']}")
+            if row["local"] or row["stack"] or row["smem"] > _KERNELS_SMEM_LIMIT[arch]:
+                problems.append(f"sm_{arch} {row['case']} {row['kernel']}: local={row['local']} stack={row['stack']} "
+                                f"smem={row['smem']} (limit {_KERNELS_SMEM_LIMIT[arch]})")
+    assert not problems, "\n".join(problems)
+    assert len(names) == 8, names  # rmsnorm fwd/bwd, swiglu fwd/bwd, attention fwd, delta, dk/dv, dq
+
+
 def test_kernels_model_use_kernels_matches_reference_ops():
     """model.use_kernels(): loss, z and every parameter gradient equal the reference ops' for each flag family, with
     Triton's interpreter where it is installed (else the kernels' torch paths, so the wiring is still checked);
