@@ -46,12 +46,14 @@ def model_config(vocab_size: int, context_length: int, d_model: int, num_layers:
     n_kv_heads = num_heads if n_kv_heads is None else n_kv_heads
     if num_heads % n_kv_heads:
         raise ValueError(f"n_kv_heads={n_kv_heads} does not divide num_heads={num_heads}; use a divisor (1 = MQA)")
-    if logit_softcap < 0:
+    if not math.isfinite(logit_softcap) or logit_softcap < 0:
         raise ValueError(f"logit_softcap={logit_softcap} is not allowed; use 0 (off) or a positive cap such as 30")
+    if not math.isfinite(rope_theta) or rope_theta <= 0:
+        raise ValueError(f"rope_theta={rope_theta} is not allowed; use a positive base such as 10000.0")
     if block == "parallel" and norm == "post":
         raise ValueError("block='parallel' needs norm='pre' or 'none' (x + Attn(N1(x)) + FFN(N2(x))); got norm='post'")
-    if d_ff is None:  # SwiGLU's three matrices at 8/3 d_model cost what the ungated FFN's two cost at 4 d_model
-        d_ff = 64 * math.ceil(8 * d_model / 3 / 64) if ffn == "swiglu" else 4 * d_model
+    if d_ff is None:  # SwiGLU's three matrices at 8/3 d_model cost what the ungated FFN's two cost at 4 d_model;
+        d_ff = max(64, 64 * math.floor(8 * d_model / 3 / 64 + 0.5)) if ffn == "swiglu" else 4 * d_model  # nearest 64
     resolved = locals()
     return {key: resolved[key] for key in MODEL_KEYS}
 
@@ -229,7 +231,7 @@ class MultiHeadSelfAttention(Module):
     (Ainslie et al. 2023). qk_norm applies RMSNorm over the head dim to q and k before RoPE (Dehghani et al. 2023).
     """
 
-    fast = False  # kernels.attention when there is no KV cache (TransformerLM.use_kernels sets it)
+    fast = False  # kernels.attention without a KV cache or explicit positions (TransformerLM.use_kernels sets it)
 
     def __init__(self, d_model: int, num_heads: int, n_kv_heads: int | None = None, qk_norm: bool = False,
                  rope: RotaryPositionalEmbedding | None = None, layer_idx: int = 0, device=None, dtype=None):
@@ -247,14 +249,15 @@ class MultiHeadSelfAttention(Module):
         self.rope = rope  # shared by all layers; its buffers are not saved
 
     def forward(self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
-        """x: (batch, seq, d_model) -> (batch, seq, d_model). With kv_cache, x holds only the positions after it."""
+        """x: (batch, seq, d_model) -> (batch, seq, d_model). With kv_cache, x holds only the positions after it.
+        token_positions: (seq,) or (batch, seq), None for 0..seq-1 (the only positions the fused kernel knows)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.d_head).transpose(1, 2)  # (B, H, T, d_head)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, H_kv, T, d_head)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, H_kv, T, d_head)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.fast and kv_cache is None:  # positions are 0..T-1: TransformerLM.features starts at 0 without a cache
+        if self.fast and token_positions is None and kv_cache is None:  # the kernel's positions are 0..T-1
             cos, sin = (self.rope.cos, self.rope.sin) if self.rope is not None else (None, None)
             y = kernels.attention(q, k, v, causal=True, rope_cos=cos, rope_sin=sin)  # RoPE fused: (B, H, T, d_head)
             return self.output_proj(y.transpose(1, 2).reshape(B, T, -1))  # a view: y is laid out (B, T, H, d_head)
@@ -345,7 +348,7 @@ class TransformerLM(Module):
         if start + T > self.config["context_length"]:
             raise ValueError(f"{start} cached + {T} new positions exceed context_length="
                              f"{self.config['context_length']}; crop the input to the last context_length tokens")
-        positions = torch.arange(start, start + T, device=idx.device)  # (seq,)
+        positions = torch.arange(start, start + T, device=idx.device) if kv_cache is not None else None  # None: 0..T-1
         x = self.token_embeddings(idx)  # (batch, seq, d_model)
         for layer in self.layers:
             x = layer(x, positions, kv_cache)

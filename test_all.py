@@ -784,7 +784,10 @@ def test_bad_config_values_raise_one_line_errors():
     bad = [("num_heads", dict(num_heads=3)), ("n_kv_heads", dict(n_kv_heads=3)),
            ("logit_softcap", dict(logit_softcap=-1.0)),
            ("norm", dict(norm="layer")), ("pos", dict(pos="alibi")), ("ffn", dict(ffn="relu")),
-           ("block", dict(block="mixed")), ("block", dict(block="parallel", norm="post")), ("d_ff", dict(d_ff=0))]
+           ("block", dict(block="mixed")), ("block", dict(block="parallel", norm="post")), ("d_ff", dict(d_ff=0)),
+           ("rope_theta", dict(rope_theta=0.0)), ("rope_theta", dict(rope_theta=-1e4)),
+           ("rope_theta", dict(rope_theta=float("nan"))), ("rope_theta", dict(rope_theta=float("inf"))),
+           ("logit_softcap", dict(logit_softcap=float("nan"))), ("logit_softcap", dict(logit_softcap=float("inf")))]
     for key, flags in bad:
         try:
             TransformerLM(**{**_MODEL_SHAPE, **flags})
@@ -798,6 +801,12 @@ def test_bad_config_values_raise_one_line_errors():
         assert "context_length" in str(e)
     else:
         raise AssertionError("a sequence longer than the context was accepted")
+
+
+def test_default_d_ff_is_the_multiple_of_64_nearest_8_3_d_model():
+    for d_model, want in ((512, 1344), (128, 320), (768, 2048), (1600, 4288), (16, 64), (4, 64)):  # 8/3 d: 1365.3 ...
+        assert model.model_config(10, 8, d_model, 1, 4, ffn="swiglu", pos="none")["d_ff"] == want, d_model
+    assert model.model_config(10, 8, 512, 1, 4, ffn="silu")["d_ff"] == 2048
 
 
 def test_kv_cache_prefill_matches_full_forward():
@@ -2239,10 +2248,18 @@ def test_kernels_triton_swiglu_and_silu():
     want, (da64,) = _kernels_grads(lambda a: swiglu64(a, torch.ones_like(a)), (a,), upstream)
     _kernels_check("silu out", got, want, 1e-5, 1e-5)
     _kernels_check("silu da", da, da64, 1e-5, 1e-5)
+    a16, b16 = a.half(), b.half()
+    got, grads = _kernels_grads(kernels.swiglu, (a16, b16), upstream)
+    want, grads64 = _kernels_grads(swiglu64, (a16, b16), upstream)
+    assert got.dtype == grads[0].dtype == torch.float16
+    _kernels_check("swiglu fp16 out", got, want, 2e-3, 2e-3)
+    for name, g, g64 in zip(("da", "db"), grads, grads64):
+        _kernels_check(f"swiglu fp16 {name}", g, g64, 2e-3, 2e-3)
 
 
 def test_kernels_triton_attention():
-    """Causal and not, RoPE and not, GQA, MQA, seq and d_head not powers of two, q as a strided view, fp16."""
+    """Causal and not, RoPE and not, GQA, MQA, seq and d_head not powers of two, q as a strided view, fp16, the
+    fused RoPE in fp32 (attention() itself rotates fp32 in torch), and the launch grid's axes."""
     _kernels_need_triton()
     torch.manual_seed(6)
     cases = [  # batch, heads, kv_heads, seq, d_head, causal, rope, dtype
@@ -2251,20 +2268,24 @@ def test_kernels_triton_attention():
         (1, 4, 1, 33, 32, True, True, torch.float32),
         (1, 2, 2, 21, 16, True, True, torch.float16),
     ]
-    for batch, heads, kv_heads, seq, d, causal, rope, dtype in cases:
+    fused_rope = lambda q, k, v, causal, cos, sin: kernels._Attention.apply(q, k, v, causal, cos, sin)
+    cases.append((2, 4, 2, 37, 24, True, True, torch.float32, fused_rope))  # attention() rotates fp32 in torch
+    for batch, heads, kv_heads, seq, d, causal, rope, dtype, *fn in cases:
+        fn = fn[0] if fn else kernels.attention
         rotation, cos, sin = _kernels_rope(seq + 3, d) if rope else (None, None, None)
         q = torch.randn(batch, seq, heads, d).to(dtype).transpose(1, 2)  # (B, H, T, d) view, as the model makes it
         k, v = torch.randn(batch, kv_heads, seq, d).to(dtype), torch.randn(batch, kv_heads, seq, d).to(dtype)
         upstream = torch.randn(batch, heads, seq, d, dtype=torch.float64)
-        got, grads = _kernels_grads(lambda q, k, v: kernels.attention(q, k, v, causal, cos, sin), (q, k, v), upstream)
+        got, grads = _kernels_grads(lambda q, k, v: fn(q, k, v, causal, cos, sin), (q, k, v), upstream)
         want, grads64 = _kernels_grads(lambda q, k, v: _kernels_attention64(q, k, v, causal, rotation), (q, k, v),
                                        upstream)
         assert type(got.grad_fn).__name__ == "_AttentionBackward" and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 1e-2
-        name = f"attention B{batch} H{heads}/{kv_heads} T{seq} d{d} causal={causal} rope={rope} {dtype}"
+        name = f"attention B{batch} H{heads}/{kv_heads} T{seq} d{d} causal={causal} rope={rope} {dtype} {fn.__name__}"
         _kernels_check(f"{name} out", got, want, tol, tol)
         for grad_name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
             _kernels_check(f"{name} {grad_name}", g, g64, tol * 4, tol)
+    assert kernels._attn_grid(4097 * 16, 37, 16) == (65_552, 3)  # heads on axis 0: axis 1 caps at 65,535
 
 
 _KERNELS_AOT_SCRIPT = r'''
@@ -2438,6 +2459,19 @@ def test_kernels_model_use_kernels_matches_reference_ops():
     plain.load_state_dict(fast.state_dict())
     fast.use_kernels()
     _kernels_check("logits", fast(idx), plain(idx), 1e-5)
+
+
+def test_kernels_fused_attention_only_at_default_positions():
+    """Explicit token_positions (here 5..5+T-1 and per-row offsets) take the reference path, not the kernel's 0..T-1."""
+    torch.manual_seed(7)
+    rope = RotaryPositionalEmbedding(10000.0, 8, 32)
+    fast, plain = MultiHeadSelfAttention(32, 4, 2, rope=rope), MultiHeadSelfAttention(32, 4, 2, rope=rope)
+    plain.load_state_dict(fast.state_dict())
+    fast.fast = True
+    x = torch.randn(2, 11, 32)
+    for positions in (torch.arange(5, 16), torch.stack((torch.arange(11), torch.arange(3, 14)))):
+        _kernels_check(f"attention at positions {positions.tolist()}", fast(x, positions), plain(x, positions), 1e-6)
+    _kernels_check("attention at default positions", fast(x), plain(x), 1e-5)
 
 
 def test_kernels_train_key_runs_the_fused_ops_with_the_same_losses():
