@@ -10,6 +10,7 @@ qk_norm, n_kv_heads (grouped-query / multi-query attention), logit_softcap, tie_
 
 `python model.py config/tinystories.py [--key=value ...]` prints parameters, FLOPs and training memory for a config.
 """
+import copy
 import math
 
 import torch
@@ -392,6 +393,21 @@ class TransformerLM(Module):
                     module.fast = op in ops
         return self
 
+    def kernel_preflight(self, batch_size: int = 2, dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
+        """Try each op of KERNEL_OPS fused alone, on a copy of this model at its context length: loss forward and
+        backward on a random batch (autocast in dtype unless float32) against the reference ops. Returns {op: None}
+        where loss and every gradient agree, else {op: one-line reason}; the model itself is left untouched."""
+        tokens = torch.randint(0, self.config["vocab_size"], (batch_size, self.config["context_length"] + 1),
+                               generator=torch.Generator().manual_seed(0)).to(self.token_embeddings.weight.device)
+        reference = _preflight_run(self, (), tokens, dtype)  # an error here is the model's, not a kernel's: raised
+        result = {}
+        for op in KERNEL_OPS:
+            try:
+                result[op] = _preflight_mismatch(_preflight_run(self, (op,), tokens, dtype), reference, dtype)
+            except Exception as e:  # Triton compile errors, no C compiler, out of shared memory, ...
+                result[op] = f"{type(e).__name__}: {(str(e).strip() or '-').splitlines()[0]}"[:150]
+        return result
+
     def new_kv_cache(self, batch_size: int) -> KVCache:
         """An empty KV cache holding context_length positions, on the model's device and dtype."""
         c, weight = self.config, self.token_embeddings.weight
@@ -410,6 +426,36 @@ class TransformerLM(Module):
     def memory_estimate(self, batch_size: int, autocast_bf16: bool) -> dict:
         """Bytes for AdamW training at this batch: params, grads, adam, activations, total (see accounting)."""
         return accounting(self.config, batch_size)["memory"]["bf16" if autocast_bf16 else "fp32"]
+
+
+_PREFLIGHT_TOL = {torch.float32: (1e-3, 1e-2), torch.float16: (1e-2, 5e-2), torch.bfloat16: (2e-2, 5e-2)}  # loss, grad
+
+
+def _preflight_run(model: TransformerLM, ops: tuple[str, ...], tokens: Tensor, dtype: torch.dtype) -> dict:
+    """ce, z and every parameter's gradient of ce + 0.01 z, from a deep copy of model with only `ops` fused."""
+    twin = copy.deepcopy(model).use_kernels(ops)
+    twin.zero_grad(set_to_none=True)
+    with torch.autocast(tokens.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        ce, z = twin.loss(tokens[:, :-1], tokens[:, 1:])
+    (ce + 0.01 * z).backward()
+    return {"loss ce": ce.detach(), "loss z": z.detach(), **{f"grad {n}": p.grad for n, p in twin.named_parameters()}}
+
+
+def _preflight_mismatch(got: dict, want: dict, dtype: torch.dtype) -> str | None:
+    """The first tensor whose max |got - want| exceeds its tolerance relative to max |want|, as one line; else None."""
+    for name, ref in want.items():
+        tol = _PREFLIGHT_TOL[dtype][0 if name.startswith("loss") else 1] * max(ref.abs().max().item(), 1e-6)
+        diff = (got[name].float() - ref.float()).abs().max().item() if got[name] is not None else math.inf
+        if not diff <= tol:  # NaN fails too
+            return f"{name} differs from the reference ops by {diff:.2e} (tolerance {tol:.2e})"
+    return None
+
+
+def format_preflight(result: dict[str, str | None]) -> str:
+    """One line from kernel_preflight's result: 'kernels: on rmsnorm, swiglu | off: attention (RuntimeError: ...)'."""
+    on = [op for op, why in result.items() if why is None]
+    off = [f"{op} ({why})" for op, why in result.items() if why is not None]
+    return f"kernels: on {', '.join(on) or '-'} | off: {', '.join(off) or '-'}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

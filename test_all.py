@@ -2474,6 +2474,37 @@ def test_kernels_fused_attention_only_at_default_positions():
     _kernels_check("attention at default positions", fast(x), plain(x), 1e-5)
 
 
+def test_kernels_preflight_turns_off_exactly_the_broken_op_and_leaves_the_model_alone():
+    """kernel_preflight with attention raising and swiglu 10% off: those two off with their reasons, the rest on;
+    the model's weights, gradients and fast flags are as before."""
+    torch.manual_seed(8)
+    lm = TransformerLM(40, 12, 16, 1, 2, n_kv_heads=1).use_kernels(("rmsnorm",))
+    ce, z = lm.loss(torch.randint(0, 40, (2, 12)), torch.randint(0, 40, (2, 12)))
+    ce.backward()
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in lm.named_parameters()}
+    flags = [getattr(m, "fast", None) for m in lm.modules()]
+    attention, swiglu = kernels.attention, kernels.swiglu
+
+    def broken_attention(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed\nthe rest of a long compiler log")
+
+    kernels.attention, kernels.swiglu = broken_attention, lambda a, b: swiglu(a, b) * 1.1
+    try:
+        result = lm.kernel_preflight(batch_size=2)
+    finally:
+        kernels.attention, kernels.swiglu = attention, swiglu
+    print(f"  {model.format_preflight(result)}")
+    assert result["rmsnorm"] is None and result["cross_entropy"] is None, result
+    assert result["attention"] == "RuntimeError: PassManager::run failed", result
+    assert result["swiglu"].startswith(("loss ce differs", "grad ")), result
+    assert model.format_preflight(result).startswith("kernels: on rmsnorm, cross_entropy | off: swiglu (")
+    assert model.format_preflight(dict.fromkeys(KERNEL_OPS)) == f"kernels: on {', '.join(KERNEL_OPS)} | off: -"
+    for name, p in lm.named_parameters():
+        assert torch.equal(p, before[name][0]) and torch.equal(p.grad, before[name][1]), name
+    assert [getattr(m, "fast", None) for m in lm.modules()] == flags
+    assert lm.kernel_preflight(2, torch.bfloat16) == dict.fromkeys(KERNEL_OPS)  # bf16 autocast, nothing broken
+
+
 def test_kernels_train_key_runs_the_fused_ops_with_the_same_losses():
     """train.py --kernels=True: the same run as the reference ops (losses and weights to float32 rounding)."""
     results = []
