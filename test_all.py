@@ -2526,6 +2526,33 @@ def test_kernels_train_key_runs_the_fused_ops_with_the_same_losses():
         _kernels_check(f"weights {name}", p.detach(), q.detach(), 1e-5, 1e-4)
 
 
+def test_kernels_bench_check_kernels_reports_each_failure_and_goes_on():
+    """bench.check_kernels on CPU (the interpreter where Triton is installed) in bf16, fp16 and fp32 with rmsnorm
+    raising and silu 10% off: exactly their lines FAIL (with the reason), every other line PASSes, result False."""
+    cfg = dict(bench.DEFAULTS, vocab_size=48, context_length=8, d_model=16, num_layers=1, num_heads=2, n_kv_heads=1,
+               d_ff=None)
+    rmsnorm, silu = kernels.rmsnorm, kernels.silu
+
+    def broken_rmsnorm(*args):
+        raise RuntimeError("out of resource: shared memory\nRequired: 300000")
+
+    kernels.rmsnorm, kernels.silu = broken_rmsnorm, lambda a: silu(a) * 1.1
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            ok = bench.check_kernels(cfg, torch.device("cpu"), batch=1)
+    finally:
+        kernels.rmsnorm, kernels.silu = rmsnorm, silu
+    lines = out.getvalue().splitlines()[1:]
+    print("\n".join(lines[::8]))
+    assert not ok and len(lines) == 3 * 19 + 3 * 4, len(lines)  # per dtype 17 tensors + 2 raising rmsnorm cases;
+    # check_model: 4 ops per dtype
+    for line in lines:
+        broken = "rmsnorm" in line or "silu" in line
+        assert ((" FAIL " in line) if broken else (" PASS" in line)), line
+        assert "rmsnorm" not in line or "RuntimeError: out of resource: shared memory" in line, line
+    assert sum("model" in line and "PASS" in line for line in lines) == 9  # swiglu, attention, cross_entropy x 3
+
+
 def test_kernels_bench_tiny_cpu():
     """bench.py end to end on CPU: the bf16 path and the float32 reference start from the same loss, and KV-cache
     decoding gives the tokens recomputation gives; the tokenizer section trains to the asked vocab size."""
