@@ -8,7 +8,8 @@ write every tensor once per direction:
 - attention: FlashAttention-2 (Dao, 2023): softmax(q k^T / sqrt(d)) v one query tile at a time, with an online
   softmax over key tiles, so the (seq, seq) scores never reach memory; the backward recomputes P from the saved
   log-sum-exp. RoPE is applied to q and k as tiles are loaded (its inverse to dq and dk before they are
-  stored), so rotated copies never exist; grouped-query attention reads kv head h // (heads / kv_heads).
+  stored), so rotated copies never exist (in bf16/fp16; float32 is rotated in torch first, see `attention`);
+  grouped-query attention reads kv head h // (heads / kv_heads). Grid axis 0 is batch * heads (can be large).
 - linear_cross_entropy: output projection + cross-entropy over chunks of rows, so float32 logits exist for one
   chunk at a time; the forward leaves the logit gradient in the matmul dtype and the backward is two matmuls
   (the idea of Liger-Kernel's fused linear cross-entropy). Plain torch: cuBLAS does the heavy lifting.
@@ -515,7 +516,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     head h // (heads / kv_heads)); rope_cos, rope_sin: (>= seq, d/2) tables of cos/sin(pos * theta^(-2k/d)), or
     None for no RoPE. Returns (batch, heads, seq, d), laid out as (batch, seq, heads, d) in memory so the caller's
     transpose(1, 2).reshape(batch, seq, heads * d) is free. Gradients are w.r.t. the unrotated q and k.
-    float32 inputs use TF32 tensor cores on the GPU; bf16 is the intended dtype.
+    bf16 and fp16 are the intended dtypes; float32 inputs use TF32 tensor cores on the GPU, RoPE applied in torch.
     """
     batch, n_heads, seq, d = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != q.shape[2:] or n_heads % k.shape[1]:

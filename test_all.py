@@ -2143,25 +2143,27 @@ def test_kernels_linear_cross_entropy_matches_float64():
     _kernels_check("linear_cross_entropy_reference z", z_ref, z64, 1e-12)
 
 
-def test_kernels_linear_cross_entropy_bf16_autocast():
+def test_kernels_linear_cross_entropy_bf16_and_fp16_autocast():
     torch.manual_seed(1)
     h = torch.randn(40, 16)
     weight = torch.randn(50, 16) * 0.3
     targets = torch.randint(0, 50, (40,))
-    h1, w1 = h.clone().requires_grad_(), weight.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ce, z = kernels.linear_cross_entropy(h1, w1, targets, chunk_rows=7)
-    (ce + 0.1 * z).backward()
-    assert ce.dtype == torch.float32 and h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
     h2, w2 = h.double().requires_grad_(), weight.double().requires_grad_()
     ce64, z64 = _kernels_cross_entropy64(h2, w2, targets, 0.0)
     (ce64 + 0.1 * z64).backward()
-    _kernels_check("linear_cross_entropy bf16 ce", ce, ce64, 0.0, rtol=2e-2)
-    _kernels_check("linear_cross_entropy bf16 z", z, z64, 0.0, rtol=2e-2)
-    scale = h2.grad.abs().max().item()
-    _kernels_check("linear_cross_entropy bf16 dh", h1.grad, h2.grad, 2e-2 * scale, rtol=2e-2)
-    scale = w2.grad.abs().max().item()
-    _kernels_check("linear_cross_entropy bf16 dweight", w1.grad, w2.grad, 2e-2 * scale, rtol=2e-2)
+    for dtype in (torch.bfloat16, torch.float16):
+        h1, w1 = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            ce, z = kernels.linear_cross_entropy(h1, w1, targets, chunk_rows=7)
+        (ce + 0.1 * z).backward()
+        assert ce.dtype == torch.float32 and h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
+        name = f"linear_cross_entropy {dtype}"
+        _kernels_check(f"{name} ce", ce, ce64, 0.0, rtol=2e-2)
+        _kernels_check(f"{name} z", z, z64, 0.0, rtol=2e-2)
+        scale = h2.grad.abs().max().item()
+        _kernels_check(f"{name} dh", h1.grad, h2.grad, 2e-2 * scale, rtol=2e-2)
+        scale = w2.grad.abs().max().item()
+        _kernels_check(f"{name} dweight", w1.grad, w2.grad, 2e-2 * scale, rtol=2e-2)
 
 
 def test_kernels_reference_paths_match_float64():
@@ -2502,7 +2504,8 @@ def test_kernels_preflight_turns_off_exactly_the_broken_op_and_leaves_the_model_
     for name, p in lm.named_parameters():
         assert torch.equal(p, before[name][0]) and torch.equal(p.grad, before[name][1]), name
     assert [getattr(m, "fast", None) for m in lm.modules()] == flags
-    assert lm.kernel_preflight(2, torch.bfloat16) == dict.fromkeys(KERNEL_OPS)  # bf16 autocast, nothing broken
+    for dtype in (torch.bfloat16, torch.float16):  # autocast, nothing broken
+        assert lm.kernel_preflight(2, dtype) == dict.fromkeys(KERNEL_OPS), dtype
 
 
 def test_kernels_train_key_runs_the_fused_ops_with_the_same_losses():
@@ -2544,8 +2547,7 @@ def test_kernels_bench_check_kernels_reports_each_failure_and_goes_on():
         kernels.rmsnorm, kernels.silu = rmsnorm, silu
     lines = out.getvalue().splitlines()[1:]
     print("\n".join(lines[::8]))
-    assert not ok and len(lines) == 3 * 19 + 3 * 4, len(lines)  # per dtype 17 tensors + 2 raising rmsnorm cases;
-    # check_model: 4 ops per dtype
+    assert not ok and len(lines) == 3 * (17 + 2 + 4), len(lines)  # per dtype: 17 tensors, 2 rmsnorm cases, 4 ops
     for line in lines:
         broken = "rmsnorm" in line or "silu" in line
         assert ((" FAIL " in line) if broken else (" PASS" in line)), line
