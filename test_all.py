@@ -2411,11 +2411,12 @@ def test_kernels_compile_ahead_of_time_sm80_sm90():
     runs = {arch: subprocess.Popen([sys.executable, "-c", _KERNELS_AOT_SCRIPT, str(arch)], cwd=repo, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for arch in _KERNELS_SMEM_LIMIT}  # one process per arch, in parallel
-    problems, names, seen = [], set(), set()
+    problems, names, seen, outputs = [], set(), set(), []
     for arch, run in runs.items():
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0, f"sm_{arch} compile script failed:\n{err[-3000:]}"
-        for row in map(json.loads, out.splitlines()):
+        outputs.append(out.splitlines())
+        for row in map(json.loads, outputs[-1]):
             if "error" in row:
                 problems.append(f"sm_{arch} {row['case']}: {row['error']}")
                 continue
@@ -2432,6 +2433,7 @@ def test_kernels_compile_ahead_of_time_sm80_sm90():
                 problems.append(f"sm_{arch} {row['case']} {row['kernel']}: local={row['local']} stack={row['stack']} "
                                 f"smem={row['smem']} (limit {_KERNELS_SMEM_LIMIT[arch]})")
     assert not problems, "\n".join(problems)
+    assert sum("B4097" in row for run in outputs for row in run) == 8  # its four launches on each arch were seen
     assert len(names) == 8, names  # rmsnorm fwd/bwd, swiglu fwd/bwd, attention fwd, delta, dk/dv, dq
 
 
