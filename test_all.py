@@ -804,7 +804,8 @@ def test_bad_config_values_raise_one_line_errors():
 
 
 def test_default_d_ff_is_the_multiple_of_64_nearest_8_3_d_model():
-    for d_model, want in ((512, 1344), (128, 320), (768, 2048), (1600, 4288), (16, 64), (4, 64)):  # 8/3 d: 1365.3 ...
+    # 8/3 d_model = 1365.3, 341.3, 2048, 4266.7, 42.7, 10.7: nearest multiples of 64 (and never below 64)
+    for d_model, want in ((512, 1344), (128, 320), (768, 2048), (1600, 4288), (16, 64), (4, 64)):
         assert model.model_config(10, 8, d_model, 1, 4, ffn="swiglu", pos="none")["d_ff"] == want, d_model
     assert model.model_config(10, 8, 512, 1, 4, ffn="silu")["d_ff"] == 2048
 
@@ -2270,10 +2271,12 @@ def test_kernels_triton_attention():
         (1, 4, 1, 33, 32, True, True, torch.float32),
         (1, 2, 2, 21, 16, True, True, torch.float16),
     ]
-    fused_rope = lambda q, k, v, causal, cos, sin: kernels._Attention.apply(q, k, v, causal, cos, sin)
-    cases.append((2, 4, 2, 37, 24, True, True, torch.float32, fused_rope))  # attention() rotates fp32 in torch
-    for batch, heads, kv_heads, seq, d, causal, rope, dtype, *fn in cases:
-        fn = fn[0] if fn else kernels.attention
+
+    def fused_rope(q, k, v, causal, cos, sin):  # attention() rotates fp32 in torch: call the kernel's RoPE directly
+        return kernels._Attention.apply(q, k, v, causal, cos, sin)
+
+    cases = [(*case, kernels.attention) for case in cases] + [(2, 4, 2, 37, 24, True, True, torch.float32, fused_rope)]
+    for batch, heads, kv_heads, seq, d, causal, rope, dtype, fn in cases:
         rotation, cos, sin = _kernels_rope(seq + 3, d) if rope else (None, None, None)
         q = torch.randn(batch, seq, heads, d).to(dtype).transpose(1, 2)  # (B, H, T, d) view, as the model makes it
         k, v = torch.randn(batch, kv_heads, seq, d).to(dtype), torch.randn(batch, kv_heads, seq, d).to(dtype)
