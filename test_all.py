@@ -2475,14 +2475,16 @@ def test_kernels_model_use_kernels_matches_reference_ops():
 
 
 def test_kernels_fused_attention_only_at_default_positions():
-    """Explicit token_positions (here 5..5+T-1 and per-row offsets) take the reference path, not the kernel's 0..T-1."""
+    """Explicit token_positions take the reference path, not the kernel's 0..T-1. (A shift of all positions would
+    not show: RoPE scores depend on relative positions only; strides and gaps do.)"""
     torch.manual_seed(7)
     rope = RotaryPositionalEmbedding(10000.0, 8, 32)
     fast, plain = MultiHeadSelfAttention(32, 4, 2, rope=rope), MultiHeadSelfAttention(32, 4, 2, rope=rope)
     plain.load_state_dict(fast.state_dict())
     fast.fast = True
     x = torch.randn(2, 11, 32)
-    for positions in (torch.arange(5, 16), torch.stack((torch.arange(11), torch.arange(3, 14)))):
+    gaps = torch.tensor([0, 1, 2, 4, 8, 9, 10, 15, 16, 20, 31])
+    for positions in (2 * torch.arange(11), torch.stack((torch.arange(11), gaps))):
         _kernels_check(f"attention at positions {positions.tolist()}", fast(x, positions), plain(x, positions), 1e-6)
     _kernels_check("attention at default positions", fast(x), plain(x), 1e-5)
 
