@@ -22,9 +22,8 @@ import torch
 from torch import Tensor
 
 import bpe
-from model import RMSNorm, RotaryPositionalEmbedding, TransformerLM, model_config
+from model import RotaryPositionalEmbedding, TransformerLM, model_config
 
-RMS_EPS = 1e-5  # model.py's RMSNorm default, used by every norm of TransformerLM
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # GPT-2's pre-tokenizer as HF's ByteLevel(use_regex=True) spells it; bpe.PAT is the same expression regrouped
@@ -149,8 +148,7 @@ def check_exportable(cfg: dict) -> str:
     return "Qwen3ForCausalLM" if cfg["qk_norm"] else "LlamaForCausalLM"
 
 
-def hf_config(cfg: dict, tokenizer: bpe.Tokenizer | None, dtype: str = "float32",
-              rms_norm_eps: float = RMS_EPS) -> dict:
+def hf_config(cfg: dict, tokenizer: bpe.Tokenizer | None, dtype: str = "float32") -> dict:
     """config.json for a model config: the fields Llama and Qwen3 read, in their names."""
     arch = check_exportable(cfg)
     eot = tokenizer.special_ids.get(bpe.EOT) if tokenizer else None
@@ -158,7 +156,7 @@ def hf_config(cfg: dict, tokenizer: bpe.Tokenizer | None, dtype: str = "float32"
             "vocab_size": cfg["vocab_size"], "hidden_size": cfg["d_model"], "intermediate_size": cfg["d_ff"],
             "num_hidden_layers": cfg["num_layers"], "num_attention_heads": cfg["num_heads"],
             "num_key_value_heads": cfg["n_kv_heads"], "head_dim": cfg["d_model"] // cfg["num_heads"],
-            "hidden_act": "silu", "max_position_embeddings": cfg["context_length"], "rms_norm_eps": rms_norm_eps,
+            "hidden_act": "silu", "max_position_embeddings": cfg["context_length"], "rms_norm_eps": cfg["norm_eps"],
             "rope_theta": cfg["rope_theta"], "rope_scaling": None,  # both spellings: transformers 4.x and 5.x
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg["rope_theta"]},
             "tie_word_embeddings": cfg["tie_embeddings"], "attention_bias": False, "mlp_bias": False,
@@ -214,8 +212,7 @@ def save_pretrained(model: TransformerLM, tokenizer: bpe.Tokenizer | None, path:
         raise FileExistsError(f"{path} exists and is not an empty directory; pick another --to or pass --force=True")
     weights = {k: v.to(getattr(torch, dtype)) for k, v in _convert(model.state_dict(), cfg, to_hf=True).items()}
     eot = tokenizer.special_ids.get(bpe.EOT) if tokenizer else None
-    eps = next((m.eps for m in model.modules() if isinstance(m, RMSNorm)), RMS_EPS)  # set_norm_eps may have changed it
-    files = {"config.json": hf_config(cfg, tokenizer, dtype, eps),
+    files = {"config.json": hf_config(cfg, tokenizer, dtype),
              "generation_config.json": {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg["context_length"]}}
     if tokenizer is not None:
         files |= _tokenizer_files(tokenizer, cfg["context_length"])
@@ -276,7 +273,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> dict:
                             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                             qk_norm=archs == ["Qwen3ForCausalLM"],
                             n_kv_heads=hf.get("num_key_value_heads") or heads,
-                            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+                            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                            norm_eps=float(hf.get("rms_norm_eps", 1e-6)))  # transformers' default
     except KeyError as e:
         raise ValueError(f"{where} lacks {e.args[0]!r}; it is not a complete Llama/Qwen3 config") from None
 
@@ -373,7 +371,7 @@ def _read_tokenizer(path: str) -> bpe.Tokenizer | None:
 
 def read_pretrained(path: str) -> dict:
     """A local HF Llama/Qwen3 directory as {"model_config": MODEL_KEYS dict, "state_dict": our names, float32,
-    "tokenizer": Tokenizer or None (no tokenizer.json), "rms_norm_eps": float}. Nothing is downloaded."""
+    "tokenizer": Tokenizer or None (no tokenizer.json)}. Nothing is downloaded."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found; point hf:PATH at a downloaded model directory")
@@ -386,16 +384,7 @@ def read_pretrained(path: str) -> dict:
     tokenizer = _read_tokenizer(path)
     if tokenizer is not None and max(tokenizer.vocab) >= cfg["vocab_size"]:
         raise ValueError(f"{path}: tokenizer id {max(tokenizer.vocab)} is past vocab_size={cfg['vocab_size']}")
-    return {"model_config": cfg, "state_dict": state_dict, "tokenizer": tokenizer,
-            "rms_norm_eps": float(hf.get("rms_norm_eps", RMS_EPS))}
-
-
-def set_norm_eps(model: TransformerLM, eps: float) -> TransformerLM:
-    """Give every RMSNorm of model this eps (HF models use 1e-6 or 1e-5; model.py builds them with 1e-5)."""
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.eps = eps
-    return model
+    return {"model_config": cfg, "state_dict": state_dict, "tokenizer": tokenizer}
 
 
 def build_model(cfg: dict, state_dict: dict[str, Tensor], where: str = "the weights") -> TransformerLM:
@@ -420,4 +409,4 @@ def load_pretrained(path: str, device=None) -> tuple[TransformerLM, bpe.Tokenize
     """A local HF Llama/Qwen3 directory as our TransformerLM (float32, eval mode) and its tokenizer (None if absent)."""
     pretrained = read_pretrained(path)
     model = build_model(pretrained["model_config"], pretrained["state_dict"], path)
-    return set_norm_eps(model, pretrained["rms_norm_eps"]).to(device or "cpu").eval(), pretrained["tokenizer"]
+    return model.to(device or "cpu").eval(), pretrained["tokenizer"]

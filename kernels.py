@@ -8,12 +8,11 @@ write every tensor once per direction:
 - attention: FlashAttention-2 (Dao, 2023): softmax(q k^T / sqrt(d)) v one query tile at a time, with an online
   softmax over key tiles, so the (seq, seq) scores never reach memory; the backward recomputes P from the saved
   log-sum-exp. RoPE is applied to q and k as tiles are loaded (its inverse to dq and dk before they are
-  stored), so rotated copies never exist; grouped-query attention reads kv head h // (heads / kv_heads).
+  stored), so rotated copies never exist (in bf16/fp16; float32 is rotated in torch first, see `attention`);
+  grouped-query attention reads kv head h // (heads / kv_heads). Grid axis 0 is batch * heads (can be large).
 - linear_cross_entropy: output projection + cross-entropy over chunks of rows, so float32 logits exist for one
   chunk at a time; the forward leaves the logit gradient in the matmul dtype and the backward is two matmuls
   (the idea of Liger-Kernel's fused linear cross-entropy). Plain torch: cuBLAS does the heavy lifting.
-- adamw_step: AdamW on whole lists of tensors with torch._foreach ops; compiled once (adamw_step_compiled),
-  with lr and step passed as 0-D tensors so the schedule never recompiles (after nanochat's optim.py).
 
 Each public function runs its Triton kernel on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set
 before this module was imported (Triton's interpreter: slow, for tests); otherwise it runs the reference.
@@ -45,8 +44,9 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 def _num_warps(block: int) -> int:
-    """Warps for a row-wise kernel over `block` columns (Liger-Kernel's rule of thumb)."""
-    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+    """Warps for a row-wise kernel over `block` columns (Liger-Kernel's rule of thumb, with 8 warps from 1,024 rather
+    than 2,048: at 4 warps the bf16 rmsnorm backward spills at d=768 on sm_80)."""
+    return 16 if block >= 8192 else 8 if block >= 1024 else 4
 
 
 def _num_programs(n_rows: int, device: torch.device) -> int:
@@ -303,10 +303,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, COS, SIN,
                      n_heads, group, seq, d, qk_scale,
                      CAUSAL: tl.constexpr, ROPE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (query tile, batch * head): o = softmax(q k^T * scale) v by an online softmax over key tiles.
+    """Program (batch * head, query tile): o = softmax(q k^T * scale) v by an online softmax over key tiles.
     Scores are kept in base 2 (qk_scale = scale * log2(e)) so exp2 can be used; LSE saves m + log2(l)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0)
     b, h = (bh // n_heads).to(tl.int64), bh % n_heads
     kv_h = h // group
     q_ptr, o_ptr = Q + b * sqb + h * sqh, O + b * sob + h * soh
@@ -343,8 +343,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, COS, SIN,
 def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, n_heads, seq, d,
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the row term of the softmax backward."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(0)
     b, h = (bh // n_heads).to(tl.int64), bh % n_heads
     o = _load_tile(O + b * sob + h * soh, offs_m, sot, seq, d, BLOCK_M, BLOCK_D).to(tl.float32)
     do = _load_tile(DO + b * sdob + h * sdoh, offs_m, sdot, seq, d, BLOCK_M, BLOCK_D).to(tl.float32)
@@ -358,10 +358,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
                           n_heads, group, seq, d, qk_scale, sm_scale,
                           CAUSAL: tl.constexpr, ROPE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (key tile, batch * kv head): dv = sum P^T dO and dk = scale * sum dS^T q over every query tile
+    """Program (batch * kv head, key tile): dv = sum P^T dO and dk = scale * sum dS^T q over every query tile
     of every query head sharing this kv head, with P recomputed from the LSE and dS = P * (dP - delta)."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
+    start_n = tl.program_id(1) * BLOCK_N
+    bkv = tl.program_id(0)
     n_kv_heads = n_heads // group
     b, kv_h = (bkv // n_kv_heads).to(tl.int64), bkv % n_kv_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -400,9 +400,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
                         n_heads, group, seq, d, qk_scale, sm_scale,
                         CAUSAL: tl.constexpr, ROPE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (query tile, batch * head): dq = scale * sum dS k over the visible key tiles."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    """Program (batch * head, query tile): dq = scale * sum dS k over the visible key tiles."""
+    start_m = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0)
     b, h = (bh // n_heads).to(tl.int64), bh % n_heads
     kv_h = h // group
     k_ptr, v_ptr = K + b * skb + kv_h * skh, V + b * svb + kv_h * svh
@@ -430,16 +430,25 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
                      BLOCK_M, BLOCK_D)
 
 
-def _attn_blocks(block_d: int) -> dict:
-    """Tile sizes, (query rows, key rows) per kernel, and warps. GPU values start from the Triton fused-attention
-    tutorial, checked with ptxas for sm_90: with 8 warps d_head 32 needs at most 208 registers and no spills
-    (4 warps spill in the dk/dv kernel); d_head > 64 takes smaller tiles. The interpreter gets small unequal
-    tiles so tiny test shapes still span several."""
+def _attn_blocks(block_d: int, dtype: torch.dtype) -> dict:
+    """Tile sizes, (query rows, key rows) per kernel, warps and pipeline stages. GPU values start from the Triton
+    fused-attention tutorial, checked with ptxas for sm_80 and sm_90 (test_kernels_compile_ahead_of_time_sm80_sm90):
+    with 8 warps no kernel spills (4 warps spill in the dk/dv kernel); d_head > 64 takes smaller tiles, and in
+    float32 two stages, since three need 181,248 B of shared memory on sm_80 (limit 166,912). The interpreter
+    gets small unequal tiles so tiny test shapes still span several."""
     if INTERPRET:
         return dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16), warps=1, stages=1)
     if block_d <= 64:
-        return dict(fwd=(128, 64), dkdv=(32, 128), dq=(128, 32), warps=8, stages=3)
+        return dict(fwd=(128, 64), dkdv=(16, 128), dq=(128, 32), warps=8, stages=3)
+    if dtype == torch.float32:
+        return dict(fwd=(64, 64), dkdv=(32, 32), dq=(64, 32), warps=8, stages=2)
     return dict(fwd=(64, 64), dkdv=(32, 64), dq=(64, 32), warps=8, stages=3)
+
+
+def _attn_grid(rows: int, seq: int, block: int) -> tuple[int, int]:
+    """Launch grid (batch * heads, tiles): the large dimension on axis 0, which takes up to 2^31 - 1 programs;
+    axis 1 stops at 65,535, which batch * heads can pass (4,096 sequences of 16 heads) but tiles of seq cannot."""
+    return rows, triton.cdiv(seq, block)
 
 
 def _strides(x: torch.Tensor) -> tuple:
@@ -458,10 +467,10 @@ class _Attention(torch.autograd.Function):
         o = torch.empty(batch, seq, n_heads, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, T, d)
         lse = torch.empty(batch * n_heads, seq, dtype=torch.float32, device=q.device)
         block_d = max(16, triton.next_power_of_2(d))
-        cfg = _attn_blocks(block_d)
+        cfg = _attn_blocks(block_d, q.dtype)
         block_m, block_n = cfg["fwd"]
         scale = 1.0 / math.sqrt(d)
-        _attn_fwd_kernel[(triton.cdiv(seq, block_m), batch * n_heads)](
+        _attn_fwd_kernel[_attn_grid(batch * n_heads, seq, block_m)](
             q, k, v, o, lse, cos, sin, *_strides(q), *_strides(k), *_strides(v), *_strides(o), cos.stride(0),
             n_heads, group, seq, d, scale * math.log2(math.e), CAUSAL=causal, ROPE=rope,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=cfg["warps"], num_stages=cfg["stages"])
@@ -476,21 +485,21 @@ class _Attention(torch.autograd.Function):
         group = n_heads // k.shape[1]
         do = do if do.stride(-1) == 1 else do.contiguous()
         block_d = max(16, triton.next_power_of_2(d))
-        cfg = _attn_blocks(block_d)
+        cfg = _attn_blocks(block_d, q.dtype)
         scale = 1.0 / math.sqrt(d)
         common = dict(CAUSAL=ctx.causal, ROPE=ctx.rope, BLOCK_D=block_d, num_warps=cfg["warps"],
                       num_stages=cfg["stages"])
         delta = torch.empty_like(lse)
-        _attn_bwd_delta_kernel[(triton.cdiv(seq, 64), batch * n_heads)](
+        _attn_bwd_delta_kernel[_attn_grid(batch * n_heads, seq, 64)](
             o, do, delta, *_strides(o), *_strides(do), n_heads, seq, d, BLOCK_M=64, BLOCK_D=block_d)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         block_m, block_n = cfg["dkdv"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(seq, block_n), batch * k.shape[1])](
+        _attn_bwd_dkdv_kernel[_attn_grid(batch * k.shape[1], seq, block_n)](
             q, k, v, do, lse, delta, dk, dv, cos, sin, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *_strides(dk), *_strides(dv), cos.stride(0), n_heads, group, seq, d, scale * math.log2(math.e), scale,
             BLOCK_M=block_m, BLOCK_N=block_n, **common)
         block_m, block_n = cfg["dq"]
-        _attn_bwd_dq_kernel[(triton.cdiv(seq, block_m), batch * n_heads)](
+        _attn_bwd_dq_kernel[_attn_grid(batch * n_heads, seq, block_m)](
             q, k, v, do, lse, delta, dq, cos, sin, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *_strides(dq), cos.stride(0), n_heads, group, seq, d, scale * math.log2(math.e), scale,
             BLOCK_M=block_m, BLOCK_N=block_n, **common)
@@ -505,7 +514,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     head h // (heads / kv_heads)); rope_cos, rope_sin: (>= seq, d/2) tables of cos/sin(pos * theta^(-2k/d)), or
     None for no RoPE. Returns (batch, heads, seq, d), laid out as (batch, seq, heads, d) in memory so the caller's
     transpose(1, 2).reshape(batch, seq, heads * d) is free. Gradients are w.r.t. the unrotated q and k.
-    float32 inputs use TF32 tensor cores on the GPU; bf16 is the intended dtype.
+    bf16 and fp16 are the intended dtypes; float32 inputs use TF32 tensor cores on the GPU, RoPE applied in torch.
     """
     batch, n_heads, seq, d = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != q.shape[2:] or n_heads % k.shape[1]:
@@ -517,8 +526,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                                  or rope_sin.shape != rope_cos.shape):
         raise ValueError(f"attention needs even d and rope tables of shape (>= {seq}, {d // 2}), got d={d}, "
                          f"{tuple(rope_cos.shape)} and {tuple(rope_sin.shape)}")
-    if not _use_triton(q) or (q.device.type == "cpu" and q.dtype == torch.bfloat16):  # the interpreter's tl.dot
-        return attention_reference(q, k, v, causal, rope_cos, rope_sin)  # multiplies bf16 bit patterns as integers
+    if not _use_triton(q) or (INTERPRET and q.dtype == torch.bfloat16):  # the interpreter's tl.dot multiplies
+        return attention_reference(q, k, v, causal, rope_cos, rope_sin)  # bf16 bit patterns as integers
+    if rope_cos is not None and q.dtype == torch.float32:  # the fused RoPE's float32 backward does not compile for
+        q, k = rope_reference(q, rope_cos[:seq], rope_sin[:seq]), rope_reference(k, rope_cos[:seq], rope_sin[:seq])
+        rope_cos = rope_sin = None  # sm_90 ("Illegal shared layout"): rotate in torch, autograd rotates dq, dk back
     return _Attention.apply(q, k, v, causal, rope_cos, rope_sin)
 
 
@@ -607,31 +619,3 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          f"{tuple(h.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
     chunk_rows = chunk_rows or max(1, 2**25 // weight.shape[0])
     return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), softcap, chunk_rows)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# AdamW over lists of tensors
-# ----------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-               exp_avg_sqs: list[torch.Tensor], step: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float,
-               eps: float, weight_decay: float) -> None:
-    """One AdamW step in place, the CS336 algorithm: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
-    p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), then p -= lr * weight_decay * p.
-
-    step (t, counted from 1) and lr are 0-D float32 tensors on the parameters' device, updated in place by the
-    caller (step.add_(1), lr.fill_(new_lr)), so adamw_step_compiled compiles once for the whole schedule.
-    """
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    step_size = lr * torch.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)  # 0-D
-    denom = torch._foreach_add(torch._foreach_sqrt(exp_avg_sqs), eps)
-    updates = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_mul_(updates, step_size)
-    torch._foreach_sub_(params, updates)
-    torch._foreach_mul_(params, 1 - lr * weight_decay)
-
-
-adamw_step_compiled = torch.compile(adamw_step, dynamic=False, fullgraph=True)

@@ -10,6 +10,7 @@ qk_norm, n_kv_heads (grouped-query / multi-query attention), logit_softcap, tie_
 
 `python model.py config/tinystories.py [--key=value ...]` prints parameters, FLOPs and training memory for a config.
 """
+import copy
 import math
 
 import torch
@@ -19,7 +20,7 @@ from torch.nn import Module, ModuleList, Parameter
 import kernels
 
 MODEL_KEYS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta", "norm", "pos",
-              "ffn", "qk_norm", "n_kv_heads", "logit_softcap", "tie_embeddings", "block")
+              "ffn", "qk_norm", "n_kv_heads", "logit_softcap", "tie_embeddings", "block", "norm_eps")
 KERNEL_OPS = ("rmsnorm", "swiglu", "attention", "cross_entropy")  # what use_kernels() can route through kernels.py
 CHOICES = {"norm": ("pre", "post", "none"), "pos": ("rope", "none"), "ffn": ("swiglu", "silu"),
            "block": ("serial", "parallel")}
@@ -28,7 +29,7 @@ CHOICES = {"norm": ("pre", "post", "none"), "pos": ("rope", "none"), "ffn": ("sw
 def model_config(vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
                  d_ff: int | None = None, rope_theta: float = 10000.0, norm: str = "pre", pos: str = "rope",
                  ffn: str = "swiglu", qk_norm: bool = False, n_kv_heads: int | None = None, logit_softcap: float = 0.0,
-                 tie_embeddings: bool = False, block: str = "serial") -> dict:
+                 tie_embeddings: bool = False, block: str = "serial", norm_eps: float = 1e-5) -> dict:
     """Check a model shape and fill in d_ff and n_kv_heads; the result rebuilds the model: TransformerLM(**cfg)."""
     for key, value in (("norm", norm), ("pos", pos), ("ffn", ffn), ("block", block)):
         if value not in CHOICES[key]:
@@ -46,12 +47,16 @@ def model_config(vocab_size: int, context_length: int, d_model: int, num_layers:
     n_kv_heads = num_heads if n_kv_heads is None else n_kv_heads
     if num_heads % n_kv_heads:
         raise ValueError(f"n_kv_heads={n_kv_heads} does not divide num_heads={num_heads}; use a divisor (1 = MQA)")
-    if logit_softcap < 0:
+    if not math.isfinite(logit_softcap) or logit_softcap < 0:
         raise ValueError(f"logit_softcap={logit_softcap} is not allowed; use 0 (off) or a positive cap such as 30")
+    if not math.isfinite(norm_eps) or norm_eps <= 0:
+        raise ValueError(f"norm_eps={norm_eps} is not allowed; use a small positive number such as 1e-5")
+    if not math.isfinite(rope_theta) or rope_theta <= 0:
+        raise ValueError(f"rope_theta={rope_theta} is not allowed; use a positive base such as 10000.0")
     if block == "parallel" and norm == "post":
         raise ValueError("block='parallel' needs norm='pre' or 'none' (x + Attn(N1(x)) + FFN(N2(x))); got norm='post'")
-    if d_ff is None:  # SwiGLU's three matrices at 8/3 d_model cost what the ungated FFN's two cost at 4 d_model
-        d_ff = 64 * math.ceil(8 * d_model / 3 / 64) if ffn == "swiglu" else 4 * d_model
+    if d_ff is None:  # SwiGLU's three matrices at 8/3 d_model cost what the ungated FFN's two cost at 4 d_model;
+        d_ff = max(64, 64 * math.floor(8 * d_model / 3 / 64 + 0.5)) if ffn == "swiglu" else 4 * d_model  # nearest 64
     resolved = locals()
     return {key: resolved[key] for key in MODEL_KEYS}
 
@@ -229,7 +234,7 @@ class MultiHeadSelfAttention(Module):
     (Ainslie et al. 2023). qk_norm applies RMSNorm over the head dim to q and k before RoPE (Dehghani et al. 2023).
     """
 
-    fast = False  # kernels.attention when there is no KV cache (TransformerLM.use_kernels sets it)
+    fast = False  # kernels.attention without a KV cache or explicit positions (TransformerLM.use_kernels sets it)
 
     def __init__(self, d_model: int, num_heads: int, n_kv_heads: int | None = None, qk_norm: bool = False,
                  rope: RotaryPositionalEmbedding | None = None, layer_idx: int = 0, device=None, dtype=None):
@@ -247,14 +252,15 @@ class MultiHeadSelfAttention(Module):
         self.rope = rope  # shared by all layers; its buffers are not saved
 
     def forward(self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
-        """x: (batch, seq, d_model) -> (batch, seq, d_model). With kv_cache, x holds only the positions after it."""
+        """x: (batch, seq, d_model) -> (batch, seq, d_model). With kv_cache, x holds only the positions after it.
+        token_positions: (seq,) or (batch, seq), None for 0..seq-1 (the only positions the fused kernel knows)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.d_head).transpose(1, 2)  # (B, H, T, d_head)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, H_kv, T, d_head)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, H_kv, T, d_head)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.fast and kv_cache is None:  # positions are 0..T-1: TransformerLM.features starts at 0 without a cache
+        if self.fast and token_positions is None and kv_cache is None:  # the kernel's positions are 0..T-1
             cos, sin = (self.rope.cos, self.rope.sin) if self.rope is not None else (None, None)
             y = kernels.attention(q, k, v, causal=True, rope_cos=cos, rope_sin=sin)  # RoPE fused: (B, H, T, d_head)
             return self.output_proj(y.transpose(1, 2).reshape(B, T, -1))  # a view: y is laid out (B, T, H, d_head)
@@ -313,7 +319,8 @@ class TransformerBlock(Module):
 class TransformerLM(Module):
     """Token embeddings -> num_layers TransformerBlocks -> ln_final -> lm_head -> logits.
 
-    Flags change the modules present: norm='none' has no ln1/ln2/ln_final (norm='post' keeps ln_final);
+    norm_eps is every RMSNorm's epsilon. Flags change the modules present: norm='none' has no ln1/ln2/ln_final
+    (norm='post' keeps ln_final);
     tie_embeddings=True has no lm_head (the head reads token_embeddings.weight: one Parameter, saved once);
     qk_norm adds attn.q_norm and attn.k_norm.
     """
@@ -323,7 +330,7 @@ class TransformerLM(Module):
     def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
                  d_ff: int | None = None, rope_theta: float = 10000.0, norm: str = "pre", pos: str = "rope",
                  ffn: str = "swiglu", qk_norm: bool = False, n_kv_heads: int | None = None, logit_softcap: float = 0.0,
-                 tie_embeddings: bool = False, block: str = "serial", device=None, dtype=None):
+                 tie_embeddings: bool = False, block: str = "serial", norm_eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         args = locals()
         self.config = cfg = model_config(**{key: args[key] for key in MODEL_KEYS})
@@ -338,6 +345,9 @@ class TransformerLM(Module):
         if tie_embeddings:  # one matrix for both ends, initialised like the head (std 1 would start logits ~sqrt(d))
             self.token_embeddings.weight = self.lm_head.weight
             self.lm_head = None
+        for module in self.modules():  # every norm, q_norm and k_norm included (imported models may use 1e-6)
+            if isinstance(module, RMSNorm):
+                module.eps = norm_eps
 
     def features(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Token ids (batch, seq) -> final hidden states (batch, seq, d_model), after ln_final."""
@@ -345,7 +355,7 @@ class TransformerLM(Module):
         if start + T > self.config["context_length"]:
             raise ValueError(f"{start} cached + {T} new positions exceed context_length="
                              f"{self.config['context_length']}; crop the input to the last context_length tokens")
-        positions = torch.arange(start, start + T, device=idx.device)  # (seq,)
+        positions = torch.arange(start, start + T, device=idx.device) if kv_cache is not None else None  # None: 0..T-1
         x = self.token_embeddings(idx)  # (batch, seq, d_model)
         for layer in self.layers:
             x = layer(x, positions, kv_cache)
@@ -389,6 +399,21 @@ class TransformerLM(Module):
                     module.fast = op in ops
         return self
 
+    def kernel_preflight(self, batch_size: int = 2, dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
+        """Try each op of KERNEL_OPS fused alone, on a copy of this model at its context length: loss forward and
+        backward on a random batch (autocast in dtype unless float32) against the reference ops. Returns {op: None}
+        where loss and every gradient agree, else {op: one-line reason}; the model itself is left untouched."""
+        tokens = torch.randint(0, self.config["vocab_size"], (batch_size, self.config["context_length"] + 1),
+                               generator=torch.Generator().manual_seed(0)).to(self.token_embeddings.weight.device)
+        reference = _preflight_run(self, (), tokens, dtype)  # an error here is the model's, not a kernel's: raised
+        result = {}
+        for op in KERNEL_OPS:
+            try:
+                result[op] = _preflight_mismatch(_preflight_run(self, (op,), tokens, dtype), reference, dtype)
+            except Exception as e:  # Triton compile errors, no C compiler, out of shared memory, ...
+                result[op] = f"{type(e).__name__}: {(str(e).strip() or '-').splitlines()[0]}"[:150]
+        return result
+
     def new_kv_cache(self, batch_size: int) -> KVCache:
         """An empty KV cache holding context_length positions, on the model's device and dtype."""
         c, weight = self.config, self.token_embeddings.weight
@@ -407,6 +432,36 @@ class TransformerLM(Module):
     def memory_estimate(self, batch_size: int, autocast_bf16: bool) -> dict:
         """Bytes for AdamW training at this batch: params, grads, adam, activations, total (see accounting)."""
         return accounting(self.config, batch_size)["memory"]["bf16" if autocast_bf16 else "fp32"]
+
+
+_PREFLIGHT_TOL = {torch.float32: (1e-3, 1e-2), torch.float16: (1e-2, 5e-2), torch.bfloat16: (2e-2, 5e-2)}  # loss, grad
+
+
+def _preflight_run(model: TransformerLM, ops: tuple[str, ...], tokens: Tensor, dtype: torch.dtype) -> dict:
+    """ce, z and every parameter's gradient of ce + 0.01 z, from a deep copy of model with only `ops` fused."""
+    twin = copy.deepcopy(model).use_kernels(ops)
+    twin.zero_grad(set_to_none=True)
+    with torch.autocast(tokens.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        ce, z = twin.loss(tokens[:, :-1], tokens[:, 1:])
+    (ce + 0.01 * z).backward()
+    return {"loss ce": ce.detach(), "loss z": z.detach(), **{f"grad {n}": p.grad for n, p in twin.named_parameters()}}
+
+
+def _preflight_mismatch(got: dict, want: dict, dtype: torch.dtype) -> str | None:
+    """The first tensor whose max |got - want| exceeds its tolerance relative to max |want|, as one line; else None."""
+    for name, ref in want.items():
+        tol = _PREFLIGHT_TOL[dtype][0 if name.startswith("loss") else 1] * max(ref.abs().max().item(), 1e-6)
+        diff = (got[name].float() - ref.float()).abs().max().item() if got[name] is not None else math.inf
+        if not diff <= tol:  # NaN fails too
+            return f"{name} differs from the reference ops by {diff:.2e} (tolerance {tol:.2e})"
+    return None
+
+
+def format_preflight(result: dict[str, str | None]) -> str:
+    """One line from kernel_preflight's result: 'kernels: on rmsnorm, swiglu | off: attention (RuntimeError: ...)'."""
+    on = [op for op, why in result.items() if why is None]
+    off = [f"{op} ({why})" for op, why in result.items() if why is not None]
+    return f"kernels: on {', '.join(on) or '-'} | off: {', '.join(off) or '-'}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -487,6 +542,3 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-
-def format_preflight(report: dict) -> str:  # TEMPORARY stand-in until the kernels branch lands
-    return "kernels: " + ", ".join(f"{op} {'on' if r is None else 'off'}" for op, r in report.items())

@@ -786,7 +786,10 @@ def test_bad_config_values_raise_one_line_errors():
     bad = [("num_heads", dict(num_heads=3)), ("n_kv_heads", dict(n_kv_heads=3)),
            ("logit_softcap", dict(logit_softcap=-1.0)),
            ("norm", dict(norm="layer")), ("pos", dict(pos="alibi")), ("ffn", dict(ffn="relu")),
-           ("block", dict(block="mixed")), ("block", dict(block="parallel", norm="post")), ("d_ff", dict(d_ff=0))]
+           ("block", dict(block="mixed")), ("block", dict(block="parallel", norm="post")), ("d_ff", dict(d_ff=0)),
+           ("rope_theta", dict(rope_theta=0.0)), ("rope_theta", dict(rope_theta=-1e4)),
+           ("rope_theta", dict(rope_theta=float("nan"))), ("rope_theta", dict(rope_theta=float("inf"))),
+           ("logit_softcap", dict(logit_softcap=float("nan"))), ("logit_softcap", dict(logit_softcap=float("inf")))]
     for key, flags in bad:
         try:
             TransformerLM(**{**_MODEL_SHAPE, **flags})
@@ -800,6 +803,13 @@ def test_bad_config_values_raise_one_line_errors():
         assert "context_length" in str(e)
     else:
         raise AssertionError("a sequence longer than the context was accepted")
+
+
+def test_default_d_ff_is_the_multiple_of_64_nearest_8_3_d_model():
+    # 8/3 d_model = 1365.3, 341.3, 2048, 4266.7, 42.7, 10.7: nearest multiples of 64 (and never below 64)
+    for d_model, want in ((512, 1344), (128, 320), (768, 2048), (1600, 4288), (16, 64), (4, 64)):
+        assert model.model_config(10, 8, d_model, 1, 4, ffn="swiglu", pos="none")["d_ff"] == want, d_model
+    assert model.model_config(10, 8, 512, 1, 4, ffn="silu")["d_ff"] == 2048
 
 
 def test_kv_cache_prefill_matches_full_forward():
@@ -2417,25 +2427,27 @@ def test_kernels_linear_cross_entropy_matches_float64():
     _kernels_check("linear_cross_entropy_reference z", z_ref, z64, 1e-12)
 
 
-def test_kernels_linear_cross_entropy_bf16_autocast():
+def test_kernels_linear_cross_entropy_bf16_and_fp16_autocast():
     torch.manual_seed(1)
     h = torch.randn(40, 16)
     weight = torch.randn(50, 16) * 0.3
     targets = torch.randint(0, 50, (40,))
-    h1, w1 = h.clone().requires_grad_(), weight.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ce, z = kernels.linear_cross_entropy(h1, w1, targets, chunk_rows=7)
-    (ce + 0.1 * z).backward()
-    assert ce.dtype == torch.float32 and h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
     h2, w2 = h.double().requires_grad_(), weight.double().requires_grad_()
     ce64, z64 = _kernels_cross_entropy64(h2, w2, targets, 0.0)
     (ce64 + 0.1 * z64).backward()
-    _kernels_check("linear_cross_entropy bf16 ce", ce, ce64, 0.0, rtol=2e-2)
-    _kernels_check("linear_cross_entropy bf16 z", z, z64, 0.0, rtol=2e-2)
-    scale = h2.grad.abs().max().item()
-    _kernels_check("linear_cross_entropy bf16 dh", h1.grad, h2.grad, 2e-2 * scale, rtol=2e-2)
-    scale = w2.grad.abs().max().item()
-    _kernels_check("linear_cross_entropy bf16 dweight", w1.grad, w2.grad, 2e-2 * scale, rtol=2e-2)
+    for dtype in (torch.bfloat16, torch.float16):
+        h1, w1 = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            ce, z = kernels.linear_cross_entropy(h1, w1, targets, chunk_rows=7)
+        (ce + 0.1 * z).backward()
+        assert ce.dtype == torch.float32 and h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
+        name = f"linear_cross_entropy {dtype}"
+        _kernels_check(f"{name} ce", ce, ce64, 0.0, rtol=2e-2)
+        _kernels_check(f"{name} z", z, z64, 0.0, rtol=2e-2)
+        scale = h2.grad.abs().max().item()
+        _kernels_check(f"{name} dh", h1.grad, h2.grad, 2e-2 * scale, rtol=2e-2)
+        scale = w2.grad.abs().max().item()
+        _kernels_check(f"{name} dweight", w1.grad, w2.grad, 2e-2 * scale, rtol=2e-2)
 
 
 def test_kernels_reference_paths_match_float64():
@@ -2457,30 +2469,6 @@ def test_kernels_reference_paths_match_float64():
         raise AssertionError("4 query heads over 3 kv heads was accepted")
     except ValueError as err:
         assert "H % H_kv" in str(err)
-
-
-def test_kernels_adamw_step_matches_written_out():
-    torch.manual_seed(3)
-    params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]  # leaves, as in a model
-    reference = [p.detach().double().clone() for p in params]
-    exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
-    m, v = [torch.zeros_like(p) for p in reference], [torch.zeros_like(p) for p in reference]
-    step, lr = torch.tensor(0.0), torch.tensor(0.0)
-    beta1, beta2, eps, weight_decay = 0.9, 0.95, 1e-8, 0.1
-    for t, lr_t in enumerate([1e-2, 5e-3, 2e-3], start=1):
-        grads = [torch.randn_like(p) for p in params]
-        step.add_(1)
-        lr.fill_(lr_t)
-        kernels.adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
-        for p, g, m_i, v_i in zip(reference, grads, m, v):  # the algorithm, one line per equation
-            g = g.double()
-            m_i.copy_(beta1 * m_i + (1 - beta1) * g)
-            v_i.copy_(beta2 * v_i + (1 - beta2) * g * g)
-            alpha = lr_t * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-            p.sub_(alpha * m_i / (torch.sqrt(v_i) + eps))
-            p.sub_(lr_t * weight_decay * p)
-    for i, (p, want) in enumerate(zip(params, reference)):
-        _kernels_check(f"adamw_step param {i} after 3 steps", p, want, 1e-6)
 
 
 def test_kernels_triton_rmsnorm():
@@ -2522,10 +2510,18 @@ def test_kernels_triton_swiglu_and_silu():
     want, (da64,) = _kernels_grads(lambda a: swiglu64(a, torch.ones_like(a)), (a,), upstream)
     _kernels_check("silu out", got, want, 1e-5, 1e-5)
     _kernels_check("silu da", da, da64, 1e-5, 1e-5)
+    a16, b16 = a.half(), b.half()
+    got, grads = _kernels_grads(kernels.swiglu, (a16, b16), upstream)
+    want, grads64 = _kernels_grads(swiglu64, (a16, b16), upstream)
+    assert got.dtype == grads[0].dtype == torch.float16
+    _kernels_check("swiglu fp16 out", got, want, 2e-3, 2e-3)
+    for name, g, g64 in zip(("da", "db"), grads, grads64):
+        _kernels_check(f"swiglu fp16 {name}", g, g64, 2e-3, 2e-3)
 
 
 def test_kernels_triton_attention():
-    """Causal and not, RoPE and not, GQA, MQA, seq and d_head not powers of two, q as a strided view, fp16."""
+    """Causal and not, RoPE and not, GQA, MQA, seq and d_head not powers of two, q as a strided view, fp16, the
+    fused RoPE in fp32 (attention() itself rotates fp32 in torch), and the launch grid's axes."""
     _kernels_need_triton()
     torch.manual_seed(6)
     cases = [  # batch, heads, kv_heads, seq, d_head, causal, rope, dtype
@@ -2534,20 +2530,179 @@ def test_kernels_triton_attention():
         (1, 4, 1, 33, 32, True, True, torch.float32),
         (1, 2, 2, 21, 16, True, True, torch.float16),
     ]
-    for batch, heads, kv_heads, seq, d, causal, rope, dtype in cases:
+
+    def fused_rope(q, k, v, causal, cos, sin):  # attention() rotates fp32 in torch: call the kernel's RoPE directly
+        return kernels._Attention.apply(q, k, v, causal, cos, sin)
+
+    cases = [(*case, kernels.attention) for case in cases] + [(2, 4, 2, 37, 24, True, True, torch.float32, fused_rope)]
+    for batch, heads, kv_heads, seq, d, causal, rope, dtype, fn in cases:
         rotation, cos, sin = _kernels_rope(seq + 3, d) if rope else (None, None, None)
         q = torch.randn(batch, seq, heads, d).to(dtype).transpose(1, 2)  # (B, H, T, d) view, as the model makes it
         k, v = torch.randn(batch, kv_heads, seq, d).to(dtype), torch.randn(batch, kv_heads, seq, d).to(dtype)
         upstream = torch.randn(batch, heads, seq, d, dtype=torch.float64)
-        got, grads = _kernels_grads(lambda q, k, v: kernels.attention(q, k, v, causal, cos, sin), (q, k, v), upstream)
+        got, grads = _kernels_grads(lambda q, k, v: fn(q, k, v, causal, cos, sin), (q, k, v), upstream)
         want, grads64 = _kernels_grads(lambda q, k, v: _kernels_attention64(q, k, v, causal, rotation), (q, k, v),
                                        upstream)
         assert type(got.grad_fn).__name__ == "_AttentionBackward" and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 1e-2
-        name = f"attention B{batch} H{heads}/{kv_heads} T{seq} d{d} causal={causal} rope={rope} {dtype}"
+        name = f"attention B{batch} H{heads}/{kv_heads} T{seq} d{d} causal={causal} rope={rope} {dtype} {fn.__name__}"
         _kernels_check(f"{name} out", got, want, tol, tol)
         for grad_name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
             _kernels_check(f"{name} {grad_name}", g, g64, tol * 4, tol)
+    assert kernels._attn_grid(4097 * 16, 37, 16) == (65_552, 3)  # heads on axis 0: axis 1 caps at 65,535
+
+
+_KERNELS_AOT_SCRIPT = r'''
+"""Compile-only run of kernels.py's wrappers, forward and backward, for the GPU arch in argv[1] (80, 90) on a
+machine without one: a stand-in CUDA driver makes Triton compile for that target, and every launch becomes a
+warm-up (compile, never run). One JSON line per launch: kernel, grid, shared memory and cuobjdump's counts."""
+import json, os, re, subprocess, sys, tempfile
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver, jit
+
+
+class FakeDriver:
+    """Just enough of Triton's CUDA driver for compiling to `cap` (e.g. 90 = sm_90)."""
+    def __init__(self, cap):
+        self.target = GPUTarget("cuda", cap, 32)
+    def is_active(self): return True
+    def get_current_target(self): return self.target
+    def get_current_device(self): return 0
+    def set_current_device(self, device): pass
+    def get_current_stream(self, device=None): return 0
+    def get_active_torch_device(self): return torch.device("cpu")
+    def get_device_interface(self): return torch.cuda
+    def get_benchmarker(self): raise RuntimeError("no benchmarker without a GPU")
+
+
+driver.set_active(FakeDriver(int(sys.argv[1])))
+launched, _run = [], jit.JITFunction.run
+def compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    launched.append((self.fn.__name__, grid, kernel))
+    return kernel
+jit.JITFunction.run = compile_only
+import kernels
+kernels._use_triton = lambda x: True  # CPU tensors stand in for CUDA ones: only their shapes and dtypes matter
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def usage(kernel):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", out)}
+
+
+def leaf(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype).requires_grad_()  # never touched, so never paged in
+
+
+def attention(dtype, rope, batch, heads, kv_heads, seq, d):
+    q = leaf(batch, seq, heads, d, dtype=dtype).transpose(1, 2)  # (B, H, T, d) views, as the model makes them
+    k, v = (leaf(batch, seq, kv_heads, d, dtype=dtype).transpose(1, 2) for _ in range(2))
+    cos = sin = torch.zeros(seq, d // 2) if rope else None
+    o = kernels.attention(q, k, v, True, cos, sin)
+    o.backward(torch.empty_like(o))
+
+
+def rmsnorm(dtype, rows, d):
+    y = kernels.rmsnorm(leaf(rows, d, dtype=dtype), leaf(d, dtype=torch.float32))
+    y.backward(torch.empty_like(y))
+
+
+def swiglu(dtype, rows, d_ff, gated):
+    a, b = leaf(rows, d_ff, dtype=dtype), leaf(rows, d_ff, dtype=dtype)
+    y = kernels.swiglu(a, b) if gated else kernels.silu(a)
+    y.backward(torch.empty_like(y))
+
+
+def cases():
+    """A covering set, since a cold compile costs seconds per attention case: the largest head dim of each tile
+    configuration (64, 128), where registers and shared memory peak, in bf16 with and without RoPE, fp16 and
+    fp32 (whose RoPE runs in torch); head dims 16 and 24; an odd length with grouped kv heads and the aligned
+    multi-head TinyStories shape (different integer specialisations; multi-query shares the grouped binary);
+    the norms and gates at the model widths; and more than 65,535 heads in one launch."""
+    attn = [("bf16", True, 64), ("bf16", True, 128), ("bf16", False, 128), ("fp16", True, 128), ("fp32", True, 64),
+            ("fp32", False, 128), ("bf16", True, 16), ("bf16", True, 24), ("fp32", False, 24)]
+    for name, rope, d in attn:
+        yield f"attention {name} rope={rope} H8/2 T37 d{d}", attention, (DTYPES[name], rope, 2, 8, 2, 37, d)
+    yield "attention bf16 rope=True H8/1 T37 d64", attention, (torch.bfloat16, True, 2, 8, 1, 37, 64)
+    yield "attention bf16 rope=True H16/16 T256 d32", attention, (torch.bfloat16, True, 2, 16, 16, 256, 32)
+    yield "attention bf16 rope=True B4097 H16/16 T16 d32", attention, (torch.bfloat16, True, 4097, 16, 16, 16, 32)
+    for name, dtype in DTYPES.items():
+        for d in (24, 64, 768, 1600):
+            yield f"rmsnorm {name} d{d}", rmsnorm, (dtype, 37, d)
+        for d_ff in (1344, 37):
+            yield f"swiglu {name} d_ff{d_ff}", swiglu, (dtype, 5, d_ff, True)
+            yield f"silu {name} d_ff{d_ff}", swiglu, (dtype, 5, d_ff, False)
+
+
+resources = {}  # kernel hash -> cuobjdump's counts
+for case, fn, args in cases():
+    launched.clear()
+    try:
+        fn(*args)
+    except Exception as e:
+        print(json.dumps({"case": case, "error": f"{type(e).__name__}: {(str(e).strip() or '?').splitlines()[0]}"}))
+        continue
+    for name, grid, kernel in launched:
+        if kernel.hash not in resources:
+            resources[kernel.hash] = usage(kernel)
+        print(json.dumps({"case": case, "kernel": name, "hash": kernel.hash, "grid": list(grid),
+                          "smem": kernel.metadata.shared, **resources[kernel.hash]}), flush=True)
+'''
+_KERNELS_SMEM_LIMIT = {80: 166_912, 90: 232_448}  # bytes of dynamic shared memory per block: A100, H100
+
+
+def _kernels_aot_problems(arch: int, row: dict) -> list[str]:
+    """What is wrong with one compiled launch: a compile error, spilled registers (ptxas puts them in a stack frame;
+    local memory would hold them too), shared memory over the arch's limit, or heads on the capped grid axis 1."""
+    where = f"sm_{arch} {row['case']} {row.get('kernel', '')}"
+    if "error" in row:
+        return [f"{where}: {row['error']}"]
+    problems = []
+    if row["local"] or row["stack"] or row["smem"] > _KERNELS_SMEM_LIMIT[arch]:
+        problems.append(f"{where}: local={row['local']} stack={row['stack']} smem={row['smem']} "
+                        f"(limit {_KERNELS_SMEM_LIMIT[arch]})")
+    big = "B4097" in row["case"] and row["grid"][0] != 4097 * 16
+    if big or row["kernel"].startswith("_attn") and row["grid"][1] > 65_535:
+        problems.append(f"{where}: grid {row['grid']} (batch * heads belongs on axis 0; axis 1 caps at 65,535)")
+    return problems
+
+
+def test_kernels_compile_ahead_of_time_sm80_sm90():
+    """Every Triton kernel configuration the model can launch compiles for sm_80 and sm_90 without spills and
+    within the arch's shared memory, with batch * heads on grid axis 0 (no GPU needed: see _KERNELS_AOT_SCRIPT)."""
+    if not kernels.HAS_TRITON:
+        raise Skipped("Triton is not importable here")
+    tools = os.path.join(os.path.dirname(kernels.triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(tools, tool)) for tool in ("ptxas", "cuobjdump")):
+        raise Skipped(f"ptxas or cuobjdump missing from {tools}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, stated to silence its warning
+    repo = os.path.dirname(os.path.abspath(kernels.__file__))
+    runs = {arch: subprocess.Popen([sys.executable, "-c", _KERNELS_AOT_SCRIPT, str(arch)], cwd=repo, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for arch in _KERNELS_SMEM_LIMIT}  # one process per arch, in parallel
+    problems, seen, rows = [], set(), []
+    for arch, run in runs.items():
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, f"sm_{arch} compile script failed:\n{err[-3000:]}"
+        for row in map(json.loads, out.splitlines()):
+            rows.append(row)
+            problems += _kernels_aot_problems(arch, row)
+            if "error" not in row and (arch, row["hash"]) not in seen:  # a binary shared by several cases: once
+                seen.add((arch, row["hash"]))
+                print(f"  sm_{arch} {row['case']:<42} {row['kernel']:<23} regs={row['reg']:<3} "
+                      f"smem={row['smem']:<6} stack={row['stack']} local={row['local']}")
+    assert not problems, "\n".join(problems)
+    assert sum("B4097" in row["case"] for row in rows) == 8  # its four launches on each arch were seen
+    assert len({row["kernel"] for row in rows}) == 8  # rmsnorm fwd/bwd, swiglu fwd/bwd, attention fwd/delta/dkdv/dq
 
 
 def test_kernels_model_use_kernels_matches_reference_ops():
@@ -2578,6 +2733,53 @@ def test_kernels_model_use_kernels_matches_reference_ops():
     _kernels_check("logits", fast(idx), plain(idx), 1e-5)
 
 
+def test_kernels_fused_attention_only_at_default_positions():
+    """Explicit token_positions take the reference path, not the kernel's 0..T-1. (A shift of all positions would
+    not show: RoPE scores depend on relative positions only; strides and gaps do.)"""
+    torch.manual_seed(7)
+    rope = RotaryPositionalEmbedding(10000.0, 8, 32)
+    fast, plain = MultiHeadSelfAttention(32, 4, 2, rope=rope), MultiHeadSelfAttention(32, 4, 2, rope=rope)
+    plain.load_state_dict(fast.state_dict())
+    fast.fast = True
+    x = torch.randn(2, 11, 32)
+    gaps = torch.tensor([0, 1, 2, 4, 8, 9, 10, 15, 16, 20, 31])
+    for positions in (2 * torch.arange(11), torch.stack((torch.arange(11), gaps))):
+        _kernels_check(f"attention at positions {positions.tolist()}", fast(x, positions), plain(x, positions), 1e-6)
+    _kernels_check("attention at default positions", fast(x), plain(x), 1e-5)
+
+
+def test_kernels_preflight_turns_off_exactly_the_broken_op_and_leaves_the_model_alone():
+    """kernel_preflight with attention raising and swiglu 10% off: those two off with their reasons, the rest on;
+    the model's weights, gradients and fast flags are as before."""
+    torch.manual_seed(8)
+    lm = TransformerLM(40, 12, 16, 1, 2, n_kv_heads=1).use_kernels(("rmsnorm",))
+    ce, z = lm.loss(torch.randint(0, 40, (2, 12)), torch.randint(0, 40, (2, 12)))
+    ce.backward()
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in lm.named_parameters()}
+    flags = [getattr(m, "fast", None) for m in lm.modules()]
+    attention, swiglu = kernels.attention, kernels.swiglu
+
+    def broken_attention(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed\nthe rest of a long compiler log")
+
+    kernels.attention, kernels.swiglu = broken_attention, lambda a, b: swiglu(a, b) * 1.1
+    try:
+        result = lm.kernel_preflight(batch_size=2)
+    finally:
+        kernels.attention, kernels.swiglu = attention, swiglu
+    print(f"  {model.format_preflight(result)}")
+    assert result["rmsnorm"] is None and result["cross_entropy"] is None, result
+    assert result["attention"] == "RuntimeError: PassManager::run failed", result
+    assert result["swiglu"].startswith(("loss ce differs", "grad ")), result
+    assert model.format_preflight(result).startswith("kernels: on rmsnorm, cross_entropy | off: swiglu (")
+    assert model.format_preflight(dict.fromkeys(KERNEL_OPS)) == f"kernels: on {', '.join(KERNEL_OPS)} | off: -"
+    for name, p in lm.named_parameters():
+        assert torch.equal(p, before[name][0]) and torch.equal(p.grad, before[name][1]), name
+    assert [getattr(m, "fast", None) for m in lm.modules()] == flags
+    for dtype in (torch.bfloat16, torch.float16):  # autocast, nothing broken
+        assert lm.kernel_preflight(2, dtype) == dict.fromkeys(KERNEL_OPS), dtype
+
+
 def test_kernels_train_key_runs_the_fused_ops_with_the_same_losses():
     """train.py --kernels=True: the same run as the reference ops (losses and weights to float32 rounding)."""
     results = []
@@ -2597,6 +2799,32 @@ def test_kernels_train_key_runs_the_fused_ops_with_the_same_losses():
     assert math.isclose(fast["val_loss"], ref["val_loss"], rel_tol=1e-5), (fast["val_loss"], ref["val_loss"])
     for (name, p), q in zip(fast["model"].named_parameters(), ref["model"].parameters()):
         _kernels_check(f"weights {name}", p.detach(), q.detach(), 1e-5, 1e-4)
+
+
+def test_kernels_bench_check_kernels_reports_each_failure_and_goes_on():
+    """bench.check_kernels on CPU (the interpreter where Triton is installed) in bf16, fp16 and fp32 with rmsnorm
+    raising and silu 10% off: exactly their lines FAIL (with the reason), every other line PASSes, result False."""
+    cfg = dict(bench.DEFAULTS, vocab_size=48, context_length=8, d_model=16, num_layers=1, num_heads=2, n_kv_heads=1,
+               d_ff=None)
+    rmsnorm, silu = kernels.rmsnorm, kernels.silu
+
+    def broken_rmsnorm(*args):
+        raise RuntimeError("out of resource: shared memory\nRequired: 300000")
+
+    kernels.rmsnorm, kernels.silu = broken_rmsnorm, lambda a: silu(a) * 1.1
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            ok = bench.check_kernels(cfg, torch.device("cpu"), batch=1)
+    finally:
+        kernels.rmsnorm, kernels.silu = rmsnorm, silu
+    lines = out.getvalue().splitlines()[1:]
+    print("\n".join(lines[::8]))
+    assert not ok and len(lines) == 3 * (17 + 2 + 4), len(lines)  # per dtype: 17 tensors, 2 rmsnorm cases, 4 ops
+    for line in lines:
+        broken = "rmsnorm" in line or "silu" in line
+        assert ((" FAIL " in line) if broken else (" PASS" in line)), line
+        assert "rmsnorm" not in line or "RuntimeError: out of resource: shared memory" in line, line
+    assert sum("model" in line and "PASS" in line for line in lines) == 9  # swiglu, attention, cross_entropy x 3
 
 
 def test_kernels_bench_tiny_cpu():

@@ -62,6 +62,7 @@ n_kv_heads = None  # key/value heads for grouped-query attention; None = num_hea
 logit_softcap = 0.0  # logits -> C tanh(logits / C); 0 = off
 tie_embeddings = False  # lm_head shares the token-embedding matrix
 block = "serial"  # 'serial' | 'parallel' (attention and FFN read the same input)
+norm_eps = 1e-5  # epsilon of every RMSNorm
 # --- loss, optimizer, schedule ---
 z_loss = 0.0  # weight of mean(logsumexp(logits)^2) in the loss; train_loss in the CSV stays plain cross-entropy
 lr = 2e-3  # peak learning rate
@@ -96,7 +97,7 @@ CSV_COLUMNS = ("step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "v
 EMA_BETA = 0.9  # smoothing of the logged training loss (debiased, as in nanochat)
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
               "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12, "V100": 125e12}  # dense 16-bit FLOP/s by GPU name
-RUN_STATE = ("config", "loop", "rng")  # what --resume needs beyond the bare save_checkpoint fields
+RUN_STATE = ("model_config", "config", "loop", "rng")  # what --resume needs beyond the bare save_checkpoint fields
 
 
 def check_config(cfg: dict) -> dict:
@@ -149,7 +150,7 @@ def model_flags(cfg: dict, source: dict | None, name: str) -> dict:
     need positions the source has seen)."""
     if source is None:
         return {k: cfg[k] for k in MODEL_KEYS}
-    flags, conflicts = dict(source), []
+    flags, conflicts = model_config(**source), []  # a source written before a key existed has its default
     for key in MODEL_KEYS:
         if cfg[key] == DEFAULTS[key] or cfg[key] == flags[key]:
             continue
@@ -185,7 +186,7 @@ def check_resume(ckpt: dict, cfg: dict, flags: dict, path: str) -> None:
     if lacking:
         raise ValueError(f"cannot resume {path}: it lacks {', '.join(lacking)} (not written by train.py's loop); "
                          f"start a new run from its weights with --init_from={path} and --resume=False")
-    old = {**ckpt.get("model_config", {}), "z_loss": ckpt["config"].get("z_loss", 0.0)}
+    old = {**model_config(**ckpt["model_config"]), "z_loss": ckpt["config"].get("z_loss", 0.0)}
     new = {**flags, "z_loss": cfg["z_loss"]}
     differ = [f"{k} (checkpoint {old.get(k)!r}, now {v!r})" for k, v in new.items() if old.get(k) != v]
     if differ:
