@@ -420,12 +420,14 @@ def test_bpe_encode_file():
             assert f.read() == b"old" and not os.path.exists(out + ".tmp")
         big = os.path.join(tmp, "big")
         os.mkdir(big)
+        u = _bpe_byte_to_unicode()
+        pairs = list(itertools.product(range(256), repeat=2))[:65536 - 256]  # two-byte tokens, each made by a merge
         with open(os.path.join(big, "vocab.json"), "w") as f:
-            json.dump({**{c: b for b, c in _bpe_byte_to_unicode().items()},
-                       **{f"t{i}": i for i in range(256, 65536)}}, f)
-        open(os.path.join(big, "merges.txt"), "w").close()
+            json.dump({**{c: b for b, c in u.items()}, **{u[x] + u[y]: 256 + i for i, (x, y) in enumerate(pairs)}}, f)
+        with open(os.path.join(big, "merges.txt"), "w") as f:
+            f.writelines(f"{u[x]} {u[y]}\n" for x, y in pairs)
         small = _bpe_write(os.path.join(tmp, "small.txt"), "hi")
-        assert bpe.encode_file(small, out, big, special_tokens=()) == 2  # 65536 tokens fit in uint16
+        assert bpe.encode_file(small, out, big, special_tokens=()) == 1  # 65536 tokens fit in uint16; "hi" is one
         try:
             bpe.encode_file(small, out, big)  # <|endoftext|> is appended as token 65537
             raise AssertionError("65537 tokens accepted for uint16")
@@ -1275,7 +1277,7 @@ def test_raw_text_trains_tokenizer_once_and_caches_token_files():
         cfg = dict(_pipeline_cfg(root, max_iters=2, vocab_size=300), train_data=os.path.join(root, "train.txt"),
                    val_data=os.path.join(root, "val.txt"))
         assert train.main(cfg)["status"] == "done"
-        bins = [os.path.join(cfg["tokenizer_dir"], name) for name in ("train.bin", "val.bin")]
+        bins = [data.token_cache_path(cfg[key], cfg["tokenizer_dir"]) for key in ("train_data", "val_data")]
         stamps = [os.stat(p).st_mtime_ns for p in bins + [os.path.join(cfg["tokenizer_dir"], "vocab.json")]]
         train.main(cfg)
         assert stamps == [os.stat(p).st_mtime_ns for p in bins + [os.path.join(cfg["tokenizer_dir"], "vocab.json")]]
@@ -1742,8 +1744,8 @@ def test_faults_killed_data_preparation_restarts_cleanly():
             workers = f.read().split()  # the encoding pool
         os.kill(pid, signal.SIGKILL)
         assert _faults_wait(pid) == -signal.SIGKILL and ready == b"!", _faults_tail(log)
-        partial = os.path.join(tok_dir, "train.bin.tmp")
-        assert os.path.getsize(partial) > 0 and not os.path.exists(os.path.join(tok_dir, "train.bin"))
+        partial = data.token_cache_path(paths[0], tok_dir) + ".tmp"
+        assert os.path.getsize(partial) > 0 and not os.path.exists(data.token_cache_path(paths[0], tok_dir))
         assert len(workers) == 2
         deadline = time.monotonic() + 20
         while _faults_alive(workers) and time.monotonic() < deadline:
