@@ -18,7 +18,7 @@ import types
 from collections.abc import Callable
 from typing import NoReturn
 
-INT_LIMIT = 2**63 - 1  # torch's int64: a larger int overflows deep inside torch (OverflowError, not our message)
+_INT_LIMIT = 2**63 - 1  # torch's int64: a larger int overflows deep inside torch (OverflowError, not our message)
 _NON_FINITE = ("nan", "inf", "infinity")  # what float() reads but ast.literal_eval does not
 # Names users bring from nanoGPT and Hugging Face, and the key meant; None: no such setting here.
 _ALIASES = {"learning_rate": "lr", "iters": "max_iters", "batch": "batch_size", "n_layer": "num_layers",
@@ -118,7 +118,7 @@ def _check_number(key: str, value: int | float) -> None:
     """Refuse nan and inf (no key means them) and ints beyond int64, naming the key."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{key}={value} is not allowed; use a finite number")
-    if abs(value) > INT_LIMIT:
+    if abs(value) > _INT_LIMIT:
         raise ValueError(f"{key}={value:.4g} is too large to mean anything here (at most 2**63 - 1)")
 
 
@@ -135,7 +135,8 @@ def _hint(key: str, keys: list[str]) -> str:
     if word in _ALIASES and _ALIASES[word] is None:
         return f": this model has no {word}"
     near = [k for k in keys if k == _ALIASES.get(word)]
-    near = near or [k for k in keys if len(word) >= 3 and k.startswith(word) or sorted(k.split("_")) == sorted(word.split("_"))]
+    near = near or [k for k in keys if len(word) >= 3 and k.startswith(word)
+                    or sorted(k.split("_")) == sorted(word.split("_"))]
     near = near or difflib.get_close_matches(word, keys, n=1, cutoff=0.75)
     return "; did you mean " + " or ".join(f"'{k}'" for k in near[:3]) + "?" if near else ""
 
@@ -168,6 +169,7 @@ def run_cli(main: Callable[[list[str]], int | None]) -> NoReturn:
     rank = int(os.environ.get("RANK") or 0)
     try:
         code = main(sys.argv[1:])
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not as a traceback at exit
     except KeyboardInterrupt as e:
         if rank == 0:
             print("interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)

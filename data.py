@@ -117,7 +117,7 @@ def _writable_dir(path: str, key: str) -> None:
 
 def token_cache_path(text_path: str, tokenizer_dir: str) -> str:
     """Where prepare caches the tokens of text_path: tokenizer_dir/<name>-<8 hex digits of its full path>.bin.
-    Example: data/val/text.txt.gz -> tokenizer_dir/text-1f3a9c0b.bin (the digits differ for data/train/text.txt)."""
+    Example: data/val/text.txt.gz -> tokenizer_dir/text-<8 digits>.bin, and other digits for data/train/text.txt."""
     name = os.path.basename(text_path).removesuffix(".gz").removesuffix(".txt")
     digest = hashlib.sha256(os.path.realpath(text_path).encode()).hexdigest()[:8]  # realpath: one file, one cache
     return os.path.join(tokenizer_dir, f"{name}-{digest}.bin")

@@ -122,13 +122,14 @@ def find_tokenizer(ckpt: dict, ckpt_path: str) -> tuple[str, tuple[str, ...]]:
         folders.append(os.path.dirname(folders[-1]))
     candidates = [record.get("dir"), record.get("rel") and os.path.join(folders[0], record["rel"])]
     if given:
-        candidates += [os.path.join(f, given) for f in folders] + [given, os.path.join(os.path.dirname(__file__), given)]
+        repo = os.path.dirname(os.path.abspath(__file__))
+        candidates += [os.path.join(f, given) for f in folders] + [given, os.path.join(repo, given)]
     tried = list(dict.fromkeys(os.path.abspath(c) for c in candidates if c))
     for path in tried:
         if all(os.path.isfile(os.path.join(path, name)) for name in ("vocab.json", "merges.txt")):
             return path, specials
     raise FileNotFoundError(f"no tokenizer (vocab.json + merges.txt) for {ckpt_path}; tried "
-                            f"{', '.join(tried) or 'nothing (none recorded)'}: copy the run's tokenizer_dir there")
+                            f"{', '.join(tried) or 'nothing (none recorded)'}: copy the run's tokenizer_dir to one of them")
 
 
 def load_model(ckpt_path: str, device: torch.device) -> tuple[TransformerLM, bpe.Tokenizer]:

@@ -2451,15 +2451,23 @@ def test_careless_run_cli_exit_codes_one_line_and_rank_0_speaks():
         _careless_one_line(*_careless_cli(fails(error), [])[::2], "out of memory")
     assert _careless_cli(fails(KeyboardInterrupt()), []) == (130, "", "interrupted\n")
     assert _careless_cli(fails(KeyboardInterrupt("run again")), [])[2] == "interrupted; run again\n"
-    assert _careless_cli(fails(ValueError("same on every rank")), [], RANK="0")[::2] == (2, "error: same on every rank\n")
-    assert _careless_cli(fails(ValueError("same on every rank")), [], RANK="3") == (2, "", "")
+    same = fails(ValueError("same on every rank"))
+    assert _careless_cli(same, [], RANK="0")[::2] == (2, "error: same on every rank\n")
+    assert _careless_cli(same, [], RANK="3") == (2, "", "")  # every rank meets the same bad input: rank 0 says it
     assert _careless_cli(fails(KeyboardInterrupt()), [], RANK="3") == (130, "", "")
-    assert _careless_cli(fails(oom("CUDA out of memory")), [], RANK="3")[2] == "error (rank 3): out of memory: CUDA out of memory\n"
+    own = _careless_cli(fails(oom("CUDA out of memory")), [], RANK="3")[2]  # its own device: said, naming the rank
+    assert own == "error (rank 3): out of memory: CUDA out of memory\n", own
     try:
         _careless_cli(fails(RuntimeError("a bug")), [])
         raise AssertionError("a bug was hidden")
     except RuntimeError as e:
         assert str(e) == "a bug"
+    with tempfile.TemporaryDirectory() as root:  # `python bpe.py ... | head`: the reader is gone before we print
+        text = _bpe_write(os.path.join(root, "t.txt"), "some text")
+        proc = subprocess.Popen([sys.executable, bpe.__file__, "train", f"--input={text}", "--vocab_size=260",
+                                 f"--out_dir={root}", "--num_workers=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == 1 and proc.stderr.read() == b"", "a closed pipe gave a traceback"
 
 
 def test_careless_key_suggestions_only_when_near():
@@ -2516,7 +2524,8 @@ def test_careless_two_texts_with_one_name_get_their_own_caches():
         tok = bpe.load_tokenizer(os.path.join(root, "tok"))
         for path, text in zip(bins, texts.values()):
             assert np.fromfile(path, dtype="<u2").tolist() == tok.encode(text)
-        assert data.token_cache_path(os.path.join(root, "val", ".", "text.txt"), "t") == data.token_cache_path(paths[1], "t")
+        same_file = os.path.join(root, "val", ".", "text.txt")
+        assert data.token_cache_path(same_file, "t") == data.token_cache_path(paths[1], "t")
 
 
 def test_careless_short_empty_and_missing_data_named_with_their_key():
@@ -2576,8 +2585,8 @@ def test_careless_broken_text_files_one_line_from_every_command():
             _careless_one_line(*_careless_cli("bpe.py", ["train", f"--input={path}", "--vocab_size=300",
                                                          f"--out_dir={root}/new", "--num_workers=1"])[::2], words)
         keep = _bpe_write(os.path.join(root, "keep.txt"), "my text")
-        code, out, err = _careless_cli("bpe.py", ["encode", f"--tokenizer={tok_dir}", f"--input={keep}", f"--out={keep}"])
-        _careless_one_line(code, err, "--out=")
+        argv = ["encode", f"--tokenizer={tok_dir}", f"--input={keep}", f"--out={keep}"]
+        _careless_one_line(*_careless_cli("bpe.py", argv)[::2], "--out=")
         with open(keep) as f:
             assert f.read() == "my text"
 
@@ -2647,8 +2656,8 @@ def test_careless_sample_ctrl_c_from_another_directory_exits_130():
         out = _careless_run(root)
         elsewhere = os.path.join(root, "elsewhere")
         os.mkdir(elsewhere)
-        proc = subprocess.Popen([sys.executable, os.path.join(_CARELESS_REPO, "sample.py"), f"--out_dir={out}",
-                                 "--temperature=1", "--num_samples=1000000", "--max_new_tokens=2", "--device=cpu"], cwd=elsewhere,
+        argv = [f"--out_dir={out}", "--temperature=1", "--num_samples=1000000", "--max_new_tokens=2", "--device=cpu"]
+        proc = subprocess.Popen([sys.executable, os.path.join(_CARELESS_REPO, "sample.py"), *argv], cwd=elsewhere,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
