@@ -683,6 +683,8 @@ def _parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
     for key in {"vocab_size", "num_workers"} & options.keys():
         if not options[key].isdecimal():
             raise ValueError(f"--{key} must be a whole number, got {options[key]!r}")
+    if int(options.get("num_workers", 0)) > os.cpu_count():  # each is a process: 1000 would fork 1000
+        raise ValueError(f"--num_workers={options['num_workers']} is more than the {os.cpu_count()} cores here")
     return command, options
 
 

@@ -63,7 +63,9 @@ def _run_config_file(path: str, cfg: dict) -> dict:
 
     namespace["include"] = include
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} not found (positional arguments are config files)")
+        problem = "is a directory" if os.path.isdir(path) else "not found"
+        raise FileNotFoundError(f"config file {path} {problem} (positional arguments are config files; "
+                                "overrides are written --key=value)")
     try:
         with open(path, encoding="utf-8") as f:
             exec(builtins.compile(f.read(), path, "exec"), namespace)

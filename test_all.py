@@ -2487,6 +2487,12 @@ def test_careless_key_suggestions_only_when_near():
     assert "this model has no dropout" in hint("dropout") and "did you mean" not in hint("dropout")
     for far in ("leraning_rate", "colour", "xyz"):
         assert "did you mean" not in hint(far), hint(far)
+    for positional in ("lr=3e-3", _CARELESS_REPO):  # a forgotten --, a folder for a file
+        try:
+            train.configure(train.DEFAULTS, [positional])
+            raise AssertionError(f"{positional} accepted")
+        except FileNotFoundError as e:
+            assert "--key=value" in str(e) and positional in str(e), e
 
 
 def test_careless_non_finite_and_huge_numbers_refused_by_key():
@@ -2584,6 +2590,8 @@ def test_careless_broken_text_files_one_line_from_every_command():
         for path, words in [(not_gzip, "corrupt gzip"), (latin, "not UTF-8"), (empty, "no text"), (root, "directory")]:
             _careless_one_line(*_careless_cli("bpe.py", ["train", f"--input={path}", "--vocab_size=300",
                                                          f"--out_dir={root}/new", "--num_workers=1"])[::2], words)
+        too_many = ["train", f"--input={full}", "--vocab_size=300", f"--out_dir={root}/new", "--num_workers=1000"]
+        _careless_one_line(*_careless_cli("bpe.py", too_many)[::2], "--num_workers=1000")
         keep = _bpe_write(os.path.join(root, "keep.txt"), "my text")
         argv = ["encode", f"--tokenizer={tok_dir}", f"--input={keep}", f"--out={keep}"]
         _careless_one_line(*_careless_cli("bpe.py", argv)[::2], "--out=")
