@@ -479,8 +479,8 @@ class Tokenizer:
     def from_files(cls, vocab_path: str, merges_path: str, special_tokens: Iterable[str] | None = None) -> "Tokenizer":
         """Load vocab.json + merges.txt in GPT-2's format (ours or GPT-2's own). Files that parse but do not fit
         together (a merge of unknown tokens, tokens no merge makes: an empty or cut merges.txt) are refused."""
-        vocab, merges = _read_vocab(vocab_path), _read_merges(merges_path)
-        made = set(_BYTES) | {a + b for a, b in merges} | {s.encode() for s in special_tokens or ()}
+        vocab, merges, special_tokens = _read_vocab(vocab_path), _read_merges(merges_path), list(special_tokens or ())
+        made = set(_BYTES) | {a + b for a, b in merges} | {s.encode() for s in special_tokens}
         unmade = [t for t in vocab.values() if t not in made]
         if unmade:
             raise ValueError(f"{merges_path}: {len(merges)} merges make only part of {vocab_path} ({len(unmade)} "
@@ -576,14 +576,19 @@ class Tokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-def _read_vocab(path: str) -> dict[int, bytes]:
+def _read_utf8(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         try:
-            table = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+            return f.read()
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
+
+
+def _read_vocab(path: str) -> dict[int, bytes]:
+    try:
+        table = json.loads(_read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not (isinstance(table, dict) and all(type(i) is int for i in table.values())
             and sorted(table.values()) == list(range(len(table)))):
         raise ValueError(f"{path}: expected a JSON object mapping tokens to the ids 0..N-1, each once")
@@ -592,18 +597,13 @@ def _read_vocab(path: str) -> dict[int, bytes]:
 
 def _read_merges(path: str) -> list[Pair]:
     merges = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines = f.readlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
-        for n, line in enumerate(lines, 1):
-            if (n == 1 and line.startswith("#version")) or not line.strip():
-                continue
-            parts = line.split()  # GPT-2's alphabet has no whitespace, so split() is exact
-            if len(parts) != 2:
-                raise ValueError(f"{path}, line {n}: expected two tokens separated by a space, got {line.strip()!r}")
-            merges.append((_from_unicode(parts[0], path), _from_unicode(parts[1], path)))
+    for n, line in enumerate(_read_utf8(path).split("\n"), 1):
+        if (n == 1 and line.startswith("#version")) or not line.strip():
+            continue
+        parts = line.split()  # GPT-2's alphabet has no whitespace, so split() is exact
+        if len(parts) != 2:
+            raise ValueError(f"{path}, line {n}: expected two tokens separated by a space, got {line.strip()!r}")
+        merges.append((_from_unicode(parts[0], path), _from_unicode(parts[1], path)))
     return merges
 
 
@@ -685,7 +685,18 @@ def _parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
             raise ValueError(f"--{key} must be a whole number, got {options[key]!r}")
     if int(options.get("num_workers", 0)) > os.cpu_count():  # each is a process: 1000 would fork 1000
         raise ValueError(f"--num_workers={options['num_workers']} is more than the {os.cpu_count()} cores here")
+    for key in {"out_dir", "out"} & options.keys():  # now, not after the training or encoding
+        _check_writable(key, options[key])
     return command, options
+
+
+def _check_writable(key: str, path: str) -> None:
+    """A one-line error naming --key when path (a folder for out_dir, a file for out) cannot be written."""
+    folder = os.path.abspath(path if key == "out_dir" else os.path.dirname(path) or ".")
+    while not os.path.exists(folder):  # the nearest folder that exists: the rest will be made in it
+        folder = os.path.dirname(folder)
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise ValueError(f"--{key}={path} cannot be written: {folder} is not a folder you can write to")
 
 
 def main(argv: list[str]) -> None:
@@ -714,6 +725,7 @@ def main(argv: list[str]) -> None:
     else:
         if os.path.isdir(o["out"]) or os.path.exists(o["out"]) and os.path.samefile(o["input"], o["out"]):
             raise ValueError(f"--out={o['out']} is a directory or the input file; name a new file for the tokens")
+        os.makedirs(os.path.dirname(o["out"]) or ".", exist_ok=True)
         num_tokens = encode_file(o["input"], o["out"], o["tokenizer"], specials, int(o["num_workers"]))
         print(f"wrote {num_tokens:,} tokens to {o['out']} in {time.perf_counter() - t0:.1f}s")
 

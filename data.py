@@ -155,6 +155,8 @@ def prepare_splits(paths: list[str], tokenizer_dir: str, vocab_size: int,
         _check_file(path)
     if all(p.endswith(".bin") for p in paths):
         return list(paths)
+    if vocab_size > 65536:  # before hours of training a tokenizer whose ids could not be written
+        raise ValueError(f"vocab_size={vocab_size:,} does not fit the uint16 token files; use at most 65,536")
     missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(tokenizer_dir, f))]
     if missing:
         if paths[0].endswith(".bin"):

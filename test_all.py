@@ -2465,7 +2465,8 @@ def test_careless_run_cli_exit_codes_one_line_and_rank_0_speaks():
     with tempfile.TemporaryDirectory() as root:  # `python bpe.py ... | head`: the reader is gone before we print
         text = _bpe_write(os.path.join(root, "t.txt"), "some text")
         proc = subprocess.Popen([sys.executable, bpe.__file__, "train", f"--input={text}", "--vocab_size=260",
-                                 f"--out_dir={root}", "--num_workers=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 f"--out_dir={root}", "--num_workers=1"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
         proc.stdout.close()
         assert proc.wait(timeout=60) == 1 and proc.stderr.read() == b"", "a closed pipe gave a traceback"
 
@@ -2550,13 +2551,14 @@ def test_careless_short_empty_and_missing_data_named_with_their_key():
         train_txt = _bpe_write(os.path.join(root, "train.txt"), _bpe_corpus(0, 30))
         empty = _bpe_write(os.path.join(root, "empty.txt"), "")
         blocker = _bpe_write(os.path.join(root, "file"), "x")
-        for paths, tok_dir, words in [([train_txt, empty], "tok", ["empty.txt", "no text"]),
-                                      ([empty, train_txt], "tok2", ["empty.txt", "no text"]),
-                                      ([train_txt, root], "tok", ["is a directory"]),
-                                      ([train_txt, train_txt], "file/tok", ["tokenizer_dir=", "Not a directory"])]:
+        for paths, tok_dir, vocab, words in [([train_txt, empty], "tok", 300, ["empty.txt", "no text"]),
+                                             ([train_txt, empty], "big", 70000, ["vocab_size=70,000", "65,536"]),
+                                             ([empty, train_txt], "tok2", 300, ["empty.txt", "no text"]),
+                                             ([train_txt, root], "tok", 300, ["is a directory"]),
+                                             ([train_txt, train_txt], "file/tok", 300, ["tokenizer_dir=", "Not a dir"])]:
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
-                    data.prepare_splits(paths, os.path.join(root, tok_dir), 300)
+                    data.prepare_splits(paths, os.path.join(root, tok_dir), vocab)
                 raise AssertionError(f"{paths} accepted")
             except (ValueError, OSError) as e:
                 assert all(w in str(e) for w in words) and "\n" not in str(e), e
@@ -2592,6 +2594,8 @@ def test_careless_broken_text_files_one_line_from_every_command():
                                                          f"--out_dir={root}/new", "--num_workers=1"])[::2], words)
         too_many = ["train", f"--input={full}", "--vocab_size=300", f"--out_dir={root}/new", "--num_workers=1000"]
         _careless_one_line(*_careless_cli("bpe.py", too_many)[::2], "--num_workers=1000")
+        under_a_file = ["train", f"--input={full}", "--vocab_size=300", f"--out_dir={empty}/tok"]
+        _careless_one_line(*_careless_cli("bpe.py", under_a_file)[::2], "--out_dir=", "cannot be written")
         keep = _bpe_write(os.path.join(root, "keep.txt"), "my text")
         argv = ["encode", f"--tokenizer={tok_dir}", f"--input={keep}", f"--out={keep}"]
         _careless_one_line(*_careless_cli("bpe.py", argv)[::2], "--out=")
