@@ -98,7 +98,8 @@ def typed(key: str, value, default):
         if is_number and isinstance(default, float):
             return float(value)
         ok = is_number and float(value).is_integer()  # --max_iters=1e4 is an int
-        value = int(value) if ok else value
+        if ok:
+            _check_number(key, value := int(value))  # --max_iters=1e30 is not
     elif isinstance(default, tuple):
         ok = isinstance(value, (tuple, list)) and (not default or len(value) > 0)
         if ok and default:
@@ -120,7 +121,7 @@ def _check_number(key: str, value: int | float) -> None:
     """Refuse nan and inf (no key means them) and ints beyond int64, naming the key."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{key}={value} is not allowed; use a finite number")
-    if abs(value) > _INT_LIMIT:
+    if isinstance(value, int) and abs(value) > _INT_LIMIT:
         raise ValueError(f"{key}={value:.4g} is too large to mean anything here (at most 2**63 - 1)")
 
 
