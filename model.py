@@ -475,15 +475,14 @@ def format_accounting(acc: dict) -> str:
     return "\n".join(lines)
 
 
-def _main(argv: list[str]) -> None:
-    """python model.py [config/FILE.py ...] [--key=value ...]: the accounting of a train.py configuration."""
-    import train  # train.py imports this module: import it only when run as a script
-
-    run_config = train.configure(train.DEFAULTS, argv)
-    print(format_accounting(accounting(run_config, run_config["batch_size"])))
-
-
 if __name__ == "__main__":
     from configurator import run_cli
 
-    run_cli(_main)
+    def main(argv: list[str]) -> None:
+        """python model.py [config/FILE.py ...] [--key=value ...]: the accounting of a train.py configuration."""
+        import train  # train.py imports this module: import it only when run as a script
+
+        run_config = train.configure(train.DEFAULTS, argv)
+        print(format_accounting(accounting(run_config, run_config["batch_size"])))
+
+    run_cli(main)
