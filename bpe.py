@@ -178,6 +178,8 @@ def _read_chunks(path: str, specials: _Specials, chunk_chars: int = 1 << 20,
     """Stream a .txt or .txt.gz file as pieces of about chunk_chars characters that end after a special
     token (a document boundary), or at whitespace inside a document longer than a chunk. progress, if
     given, is told how many bytes of the file (compressed bytes for .gz) have been read."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; give a .txt or .txt.gz file")
     with open(path, "rb") as raw:  # raw.tell(): how far into the file the reading is
         binary = gzip.GzipFile(fileobj=raw) if str(path).endswith(".gz") else raw
         with io.TextIOWrapper(binary, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as in the file
@@ -189,7 +191,7 @@ def _read_chunks(path: str, specials: _Specials, chunk_chars: int = 1 << 20,
             try:
                 yield from specials.recut(iter(read, ""), prefer_documents=True)
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
+                raise ValueError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
             except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # an interrupted download, or not gzip at all
                 raise ValueError(f"{path} is a truncated or corrupt gzip file ({e}); download it again") from None
 
@@ -417,7 +419,7 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: Iterable[str],
                          f"tokens need at least {256 + len(special_tokens)}")
     counts = count_pretokens(input_path, special_tokens, num_workers)
     if not counts:
-        raise ValueError(f"{input_path} holds no text to train on (empty, or only special tokens)")
+        raise ValueError(f"{input_path} holds no text to train on (empty, or only special tokens); use a text file")
     merges = learn_merges(counts, vocab_size - 256 - len(special_tokens))
     tokens = [s.encode("utf-8") for s in special_tokens] + _BYTES + [a + b for a, b in merges]
     return dict(enumerate(dict.fromkeys(tokens))), merges
@@ -581,7 +583,7 @@ def _read_utf8(path: str) -> str:
         try:
             return f.read()
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
 
 
 def _read_vocab(path: str) -> dict[int, bytes]:
