@@ -2414,6 +2414,7 @@ def _careless_cli(target, argv, **env):
 
 
 def _careless_one_line(code, err, *words):
+    """Exit code 2 and one `error: ...` line holding every word (callers pass _careless_cli(...)[::2]: code, stderr)."""
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (code, err)
     assert "Traceback" not in err and all(w in err for w in words), (err, words)
 
