@@ -101,6 +101,10 @@ def _check_file(path: str) -> None:
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory; set train_data/val_data to a .txt, .txt.gz or .bin file")
     if not os.path.isfile(path):
+        in_repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)  # configs name paths from there
+        if not os.path.isabs(path) and os.path.isfile(in_repo):
+            raise FileNotFoundError(f"{path} not found from here (it is {in_repo}); run from the repository "
+                                    "or give train_data/val_data as absolute paths")
         raise FileNotFoundError(f"{path} not found; download it (README lists the commands) or set "
                                 "train_data/val_data to existing .txt, .txt.gz or .bin files")
 

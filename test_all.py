@@ -2565,6 +2565,21 @@ def test_careless_short_empty_and_missing_data_named_with_their_key():
             except (ValueError, OSError) as e:
                 assert all(w in str(e) for w in words) and "\n" not in str(e), e
         assert not [n for n in os.listdir(os.path.join(root, "tok")) if n.startswith("empty")]  # no empty .bin left
+    try:  # a config's repository-relative path, from another working directory
+        data.prepare_splits([os.path.join("..", "no", "such.txt"), "data/shakespeare_val.txt.gz"], "tok", 300)
+        raise AssertionError("a missing file accepted")
+    except FileNotFoundError as e:
+        assert "no/such.txt not found; download it" in str(e), e
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as elsewhere:
+        os.chdir(elsewhere)
+        try:
+            data.prepare_splits(["data/shakespeare_val.txt.gz"], "tok", 300)
+            raise AssertionError("a path relative to the repository found from elsewhere")
+        except FileNotFoundError as e:
+            assert "run from the repository" in str(e) and os.path.join(_CARELESS_REPO, "data") in str(e), e
+        finally:
+            os.chdir(cwd)
 
 
 def test_careless_broken_text_files_one_line_from_every_command():
