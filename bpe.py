@@ -30,6 +30,7 @@ import resource
 import signal
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, repeat
 
@@ -177,6 +178,8 @@ def _read_chunks(path: str, specials: _Specials, chunk_chars: int = 1 << 20,
     """Stream a .txt or .txt.gz file as pieces of about chunk_chars characters that end after a special
     token (a document boundary), or at whitespace inside a document longer than a chunk. progress, if
     given, is told how many bytes of the file (compressed bytes for .gz) have been read."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; give a .txt or .txt.gz file")
     with open(path, "rb") as raw:  # raw.tell(): how far into the file the reading is
         binary = gzip.GzipFile(fileobj=raw) if str(path).endswith(".gz") else raw
         with io.TextIOWrapper(binary, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as in the file
@@ -188,7 +191,9 @@ def _read_chunks(path: str, specials: _Specials, chunk_chars: int = 1 << 20,
             try:
                 yield from specials.recut(iter(read, ""), prefer_documents=True)
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
+                raise ValueError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # an interrupted download, or not gzip at all
+                raise ValueError(f"{path} is a truncated or corrupt gzip file ({e}); download it again") from None
 
 
 def _parallel_map(fn: Callable, items: Iterable, num_workers: int | None, init=None, init_args=(),
@@ -413,6 +418,8 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: Iterable[str],
         raise ValueError(f"vocab_size={vocab_size} is too small: 256 bytes + {len(special_tokens)} special "
                          f"tokens need at least {256 + len(special_tokens)}")
     counts = count_pretokens(input_path, special_tokens, num_workers)
+    if not counts:
+        raise ValueError(f"{input_path} holds no text to train on (empty, or only special tokens); use a text file")
     merges = learn_merges(counts, vocab_size - 256 - len(special_tokens))
     tokens = [s.encode("utf-8") for s in special_tokens] + _BYTES + [a + b for a, b in merges]
     return dict(enumerate(dict.fromkeys(tokens))), merges
@@ -472,8 +479,19 @@ class Tokenizer:
 
     @classmethod
     def from_files(cls, vocab_path: str, merges_path: str, special_tokens: Iterable[str] | None = None) -> "Tokenizer":
-        """Load vocab.json + merges.txt in GPT-2's format (ours or GPT-2's own)."""
-        return cls(_read_vocab(vocab_path), _read_merges(merges_path), special_tokens)
+        """Load vocab.json + merges.txt in GPT-2's format (ours or GPT-2's own). Files that parse but do not fit
+        together (a merge of unknown tokens, tokens no merge makes: an empty or cut merges.txt) are refused."""
+        vocab, merges, special_tokens = _read_vocab(vocab_path), _read_merges(merges_path), list(special_tokens or ())
+        made = set(_BYTES) | {a + b for a, b in merges} | {s.encode() for s in special_tokens}
+        unmade = [t for t in vocab.values() if t not in made]
+        if unmade:
+            raise ValueError(f"{merges_path}: {len(merges)} merges make only part of {vocab_path} ({len(unmade)} "
+                             f"tokens such as {unmade[0]!r} are neither a byte, a merge nor a special token); "
+                             "use the merges.txt saved with that vocab.json, or pass its special tokens")
+        try:
+            return cls(vocab, merges, special_tokens)
+        except ValueError as e:
+            raise ValueError(f"{merges_path} does not fit {vocab_path}: {e}") from None
 
     def save(self, vocab_path: str, merges_path: str) -> None:
         """Write vocab.json + merges.txt in GPT-2's format; neither file is replaced unless both are written."""
@@ -560,12 +578,19 @@ class Tokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-def _read_vocab(path: str) -> dict[int, bytes]:
+def _read_utf8(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         try:
-            table = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+            return f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
+
+
+def _read_vocab(path: str) -> dict[int, bytes]:
+    try:
+        table = json.loads(_read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not (isinstance(table, dict) and all(type(i) is int for i in table.values())
             and sorted(table.values()) == list(range(len(table)))):
         raise ValueError(f"{path}: expected a JSON object mapping tokens to the ids 0..N-1, each once")
@@ -574,14 +599,13 @@ def _read_vocab(path: str) -> dict[int, bytes]:
 
 def _read_merges(path: str) -> list[Pair]:
     merges = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if (n == 1 and line.startswith("#version")) or not line.strip():
-                continue
-            parts = line.split()  # GPT-2's alphabet has no whitespace, so split() is exact
-            if len(parts) != 2:
-                raise ValueError(f"{path}, line {n}: expected two tokens separated by a space, got {line.strip()!r}")
-            merges.append((_from_unicode(parts[0], path), _from_unicode(parts[1], path)))
+    for n, line in enumerate(_read_utf8(path).split("\n"), 1):
+        if (n == 1 and line.startswith("#version")) or not line.strip():
+            continue
+        parts = line.split()  # GPT-2's alphabet has no whitespace, so split() is exact
+        if len(parts) != 2:
+            raise ValueError(f"{path}, line {n}: expected two tokens separated by a space, got {line.strip()!r}")
+        merges.append((_from_unicode(parts[0], path), _from_unicode(parts[1], path)))
     return merges
 
 
@@ -661,7 +685,20 @@ def _parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
     for key in {"vocab_size", "num_workers"} & options.keys():
         if not options[key].isdecimal():
             raise ValueError(f"--{key} must be a whole number, got {options[key]!r}")
+    if int(options.get("num_workers", 0)) > os.cpu_count():  # each is a process: 1000 would fork 1000
+        raise ValueError(f"--num_workers={options['num_workers']} is more than the {os.cpu_count()} cores here")
+    for key in {"out_dir", "out"} & options.keys():  # now, not after the training or encoding
+        _check_writable(key, options[key])
     return command, options
+
+
+def _check_writable(key: str, path: str) -> None:
+    """A one-line error naming --key when path (a folder for out_dir, a file for out) cannot be written."""
+    folder = os.path.abspath(path if key == "out_dir" else os.path.dirname(path) or ".")
+    while not os.path.exists(folder):  # the nearest folder that exists: the rest will be made in it
+        folder = os.path.dirname(folder)
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise ValueError(f"--{key}={path} cannot be written: {folder} is not a folder you can write to")
 
 
 def main(argv: list[str]) -> None:
@@ -688,13 +725,14 @@ def main(argv: list[str]) -> None:
         print(f"{o['input']}: {num_bytes:,} bytes -> {num_tokens:,} tokens = {num_bytes / max(num_tokens, 1):.3f} "
               f"bytes/token; encode {num_bytes / seconds / 1e6:.2f} MB/s (one process, incl. reading)")
     else:
+        if os.path.isdir(o["out"]) or os.path.exists(o["out"]) and os.path.samefile(o["input"], o["out"]):
+            raise ValueError(f"--out={o['out']} is a directory or the input file; name a new file for the tokens")
+        os.makedirs(os.path.dirname(o["out"]) or ".", exist_ok=True)
         num_tokens = encode_file(o["input"], o["out"], o["tokenizer"], specials, int(o["num_workers"]))
         print(f"wrote {num_tokens:,} tokens to {o['out']} in {time.perf_counter() - t0:.1f}s")
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from configurator import run_cli
+
+    run_cli(main)

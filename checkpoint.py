@@ -3,8 +3,8 @@
     save_checkpoint(model, optimizer, iteration, "ckpt.pt")      # any nn.Module / optim.Optimizer
     iteration = load_checkpoint("ckpt.pt", model, optimizer)     # optimizer=None loads the weights alone
 
-train.py adds what continues a run bit for bit (config, tokenizer, rng, loop, scaler); sample.py and export.py read
-the model and the tokenizer it was trained with. torch.load runs with weights_only=True: nothing in a file executes.
+train.py adds what continues a run bit for bit (config, tokenizer, rng, loop, scaler); sample.py, export.py and
+train.py's init_from find the tokenizer a checkpoint was trained with through checkpoint_tokenizer. torch.load runs with weights_only=True: nothing in a file executes.
 """
 import contextlib
 import os
@@ -89,12 +89,27 @@ def load_checkpoint(src: str | os.PathLike | BinaryIO | dict, model: torch.nn.Mo
 
 
 
-def checkpoint_tokenizer(ckpt: dict, path: str) -> tuple[str | None, tuple[str, ...]]:
-    """(tokenizer directory, special tokens) a checkpoint was trained with: its recorded absolute path, else the one
-    relative to the checkpoint's folder, else the path as given at training time; (None, ...) if none exists."""
-    record = ckpt.get("tokenizer") or {"dir": ckpt.get("tokenizer_dir")}
-    specials = tuple(record.get("special_tokens") or ckpt.get("config", {}).get("special_tokens", ("<|endoftext|>",)))
-    here = os.path.dirname(os.path.abspath(path)) if isinstance(path, (str, os.PathLike)) else ""
-    candidates = [record.get("dir"), record.get("rel") and os.path.join(here, record["rel"]), ckpt.get("tokenizer_dir")]
-    found = [c for c in candidates if c and os.path.isfile(os.path.join(c, "vocab.json"))]
-    return (found[0] if found else None), specials
+def checkpoint_tokenizer(ckpt: dict, ckpt_path: str) -> tuple[str, tuple[str, ...]]:
+    """(tokenizer directory, special tokens) of a train.py checkpoint, from any working directory.
+
+    Tried in order: ckpt["tokenizer"]["dir"] (absolute), its "rel" (relative to the checkpoint's folder), then the
+    tokenizer_dir string of older checkpoints, relative to where train.py ran: unknown, so from each folder above
+    the checkpoint (out_dir usually lies below it), from here and from this repository. Old checkpoints without
+    a tokenizer record take the special tokens from their config.
+    """
+    record, config = ckpt.get("tokenizer") or {}, ckpt.get("config") or {}
+    specials = tuple(record.get("special_tokens", config.get("special_tokens", ("<|endoftext|>",))))
+    given = ckpt.get("tokenizer_dir") or config.get("tokenizer_dir")
+    folders = [os.path.dirname(os.path.abspath(ckpt_path))]  # the checkpoint's, then each one above it
+    while os.path.dirname(folders[-1]) != folders[-1]:
+        folders.append(os.path.dirname(folders[-1]))
+    candidates = [record.get("dir"), record.get("rel") and os.path.join(folders[0], record["rel"])]
+    if given:
+        repo = os.path.dirname(os.path.abspath(__file__))
+        candidates += [os.path.join(f, given) for f in folders] + [given, os.path.join(repo, given)]
+    tried = list(dict.fromkeys(os.path.abspath(c) for c in candidates if c))
+    for path in tried:
+        if all(os.path.isfile(os.path.join(path, name)) for name in ("vocab.json", "merges.txt")):
+            return path, specials
+    raise FileNotFoundError(f"{ckpt_path}: its tokenizer (vocab.json + merges.txt) is in none of "
+                            f"{', '.join(tried) or 'the places recorded (none)'}; copy the run's tokenizer_dir there")

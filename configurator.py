@@ -4,15 +4,25 @@
 
 Config files are Python run with the current values in scope (they can run any code: use only your own); inside one,
 include('tinystories.py') first runs another file from the same folder. Overrides are parsed with ast.literal_eval and
-must match their default's type. train.py, sample.py, bench.py, data.py and model.py share this.
+must match their default's type. train.py, sample.py, bench.py, data.py and model.py share this, and run_cli, which
+turns the errors a user can cause into one line and an exit code.
 """
 import ast
 import builtins
 import difflib
+import math
 import os
 import re
 import sys
 import types
+from collections.abc import Callable
+from typing import NoReturn
+
+_INT_LIMIT = 2**63 - 1  # torch's int64: a larger int overflows deep inside torch (OverflowError, not our message)
+_NON_FINITE = ("nan", "inf", "infinity")  # what float() reads but ast.literal_eval does not
+# Names users bring from nanoGPT and Hugging Face, and the key meant; None: no such setting here.
+_ALIASES = {"learning_rate": "lr", "iters": "max_iters", "batch": "batch_size", "n_layer": "num_layers",
+            "n_head": "num_heads", "n_embd": "d_model", "block_size": "context_length", "dropout": None}
 
 def configure(defaults: dict, argv: list[str]) -> dict:
     """Apply config files (positional) and --key=value overrides, in order, to a copy of defaults; check every key.
@@ -53,11 +63,12 @@ def _run_config_file(path: str, cfg: dict) -> dict:
 
     namespace["include"] = include
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} not found (positional arguments are config files)")
-    with open(path) as f:
-        source = f.read()
+        problem = "is a directory" if os.path.isdir(path) else "not found"
+        raise FileNotFoundError(f"config file {path} {problem} (positional arguments are config files; "
+                                "overrides are written --key=value)")
     try:
-        exec(builtins.compile(source, path, "exec"), namespace)
+        with open(path, encoding="utf-8") as f:
+            exec(builtins.compile(f.read(), path, "exec"), namespace)
     except Exception as e:  # a user's broken config file: say where, without our traceback
         raise ValueError(f"config file {path}: {type(e).__name__}: {e}") from None
     plain = {k: v for k, v in namespace.items() if not k.startswith("_") and k != "include"
@@ -70,7 +81,7 @@ def _parse(text: str, default):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text
+        value = float(text) if text.strip().lower().lstrip("+-") in _NON_FINITE else text  # typed refuses it by name
     if default == "auto" and isinstance(value, bool):  # a tri-state key: 'auto', True or False
         return value
     return text if isinstance(default, str) and not isinstance(value, str) else value  # --out_dir=2024 is a name
@@ -86,10 +97,13 @@ def typed(key: str, value, default):
         return value
     elif isinstance(default, (int, float)):
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if is_number:
+            _check_number(key, value)
         if is_number and isinstance(default, float):
             return float(value)
         ok = is_number and float(value).is_integer()  # --max_iters=1e4 is an int
-        value = int(value) if ok else value
+        if ok:
+            _check_number(key, value := int(value))  # --max_iters=1e30 is not
     elif isinstance(default, tuple):
         ok = isinstance(value, (tuple, list)) and (not default or len(value) > 0)
         if ok and default:
@@ -97,6 +111,8 @@ def typed(key: str, value, default):
         value = tuple(value) if ok else value
     elif default is None:
         ok = value is None or isinstance(value, (int, float, str)) and not isinstance(value, bool)
+        if ok and isinstance(value, (int, float)):
+            _check_number(key, value)
     else:
         ok = isinstance(value, type(default))
     if not ok:
@@ -105,11 +121,31 @@ def typed(key: str, value, default):
     return value
 
 
+def _check_number(key: str, value: int | float) -> None:
+    """Refuse nan and inf (no key means them) and ints beyond int64, naming the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value} is not allowed; use a finite number")
+    if isinstance(value, int) and abs(value) > _INT_LIMIT:
+        raise ValueError(f"{key}={value:.4g} is too large to mean anything here (at most 2**63 - 1)")
+
+
 def check_known(key: str, defaults: dict) -> None:
+    """A one-line ValueError for a key that is not in defaults, with a suggestion only when one is really near."""
     if key not in defaults:
-        nearest = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.0)
-        hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
-        raise ValueError(f"unknown config key '{key}'{hint} (--help lists them all)")
+        raise ValueError(f"unknown config key '{key}'{_hint(key, list(defaults))} (--help lists them all)")
+
+
+def _hint(key: str, keys: list[str]) -> str:
+    """'; did you mean ...?' from the alias table, keys that start with the word or hold its words in another
+    order (lr_min -> min_lr), or a close spelling (ratio >= 0.75: below it 'leraning_rate' meets 'train_data')."""
+    word = key.lower().replace("-", "_")
+    if word in _ALIASES and _ALIASES[word] is None:
+        return f": this model has no {word}"
+    near = [k for k in keys if k == _ALIASES.get(word)]
+    near = near or [k for k in keys if len(word) >= 3 and k.startswith(word)
+                    or sorted(k.split("_")) == sorted(word.split("_"))]
+    near = near or difflib.get_close_matches(word, keys, n=1, cutoff=0.75)
+    return "; did you mean " + " or ".join(f"'{k}'" for k in near[:3]) + "?" if near else ""
 
 
 def _help(defaults: dict) -> str:
@@ -131,13 +167,30 @@ def _echo(message: str) -> None:
         print(message)
 
 
-def run_cli(main) -> None:  # TEMPORARY stand-in until the robustness branch lands
+def run_cli(main: Callable[[list[str]], int | None]) -> NoReturn:
+    """Run main(sys.argv[1:]) as a command and exit with its return value (None = 0). An error a user can cause
+    (ValueError, OSError, out of memory) prints `error: <message>` and exits 2; Ctrl-C prints `interrupted` (with
+    the KeyboardInterrupt's text, if any) and exits 130; neither shows a traceback, other exceptions (bugs) do.
+    Under torchrun (RANK set) every rank meets the same bad key or file, so only rank 0 prints; another rank prints
+    `error (rank N): ...` only when it ran out of memory, which is its own device's failure."""
+    rank = int(os.environ.get("RANK") or 0)
     try:
         code = main(sys.argv[1:])
-    except (ValueError, OSError, MemoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not as a traceback at exit
+    except KeyboardInterrupt as e:
+        if rank == 0:
+            print("interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `python sample.py | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        sys.exit(1)
+    except Exception as e:
+        out_of_memory = isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
+        if not (out_of_memory or isinstance(e, (ValueError, OSError))):
+            raise
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's OOM text runs on for lines
+        message = ("out of memory: " if out_of_memory else "") + first_line
+        if rank == 0 or out_of_memory:
+            print(f"error (rank {rank}): {message}" if rank else f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)

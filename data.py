@@ -3,11 +3,14 @@
     python data.py config/owt.py        # train the tokenizer (if missing) and tokenize train/val data once
 
 A .bin file is a flat array of little-endian uint16 token ids (vocab <= 65,536). Beside it, `<file>.bin.json`
-caches the largest id so the vocab check reads the file only once (keyed by file size and mtime).
+caches the largest id so the vocab check reads the file only once (keyed by file size and mtime). The .bin made
+from a text is tokenizer_dir/<name>-<hash>.bin, the hash that of the text's full path, so data/train/text.txt and
+data/val/text.txt never share one (a cache named <name>.bin, by older versions, is not used: tokenized once more).
 Preparation can be stopped at any point and run again: every file is written as `<name>.tmp` and renamed when
 complete, so a finished file is never partial; a tokenizer directory lacking vocab.json or merges.txt is
 trained again, and a .bin older than its text or tokenizer is tokenized again (over any stale .tmp).
 """
+import hashlib
 import json
 import os
 
@@ -26,9 +29,7 @@ def get_batch(x: np.ndarray | torch.Tensor, batch_size: int, context_length: int
     Pass a CPU torch.Generator to make the stream reproducible (its state can be saved and restored).
     Example: x = [0..9], context 3, start 4 -> inputs [4, 5, 6], targets [5, 6, 7].
     """
-    if len(x) <= context_length:
-        raise ValueError(f"data has {len(x)} tokens, fewer than context_length + 1 = {context_length + 1}; "
-                         "use more text or a smaller context_length")
+    check_length(getattr(x, "filename", None) or "the token array", x, context_length, "train_data/val_data")
     starts = torch.randint(len(x) - context_length, (batch_size,), generator=generator)  # on the CPU: one stream
     return windows(x, starts, context_length, device)
 
@@ -63,6 +64,15 @@ def eval_starts(num_tokens: int, context_length: int, eval_tokens: int) -> np.nd
     return np.arange(n, dtype=np.int64) * available // max(n, 1) * context_length
 
 
+def check_length(path: str, tokens: np.ndarray | torch.Tensor, context_length: int, key: str) -> None:
+    """Refuse data too short for one training window (context_length + 1 tokens), in one line naming the file and
+    its config key: train.py calls this before it writes anything. Example: 10 tokens, context_length 16 -> error."""
+    if len(tokens) <= context_length:
+        shorter = f" or set context_length to at most {len(tokens) - 1}" if len(tokens) > 1 else ""
+        raise ValueError(f"{path} ({key}) has {len(tokens):,} tokens, fewer than context_length + 1 = "
+                         f"{context_length + 1:,}; point {key} at a longer text{shorter}")
+
+
 def tokens_to_device(tokens: np.ndarray, device: torch.device,
                      max_fraction: float = 0.25) -> np.ndarray | torch.Tensor:
     """The whole token array as int32 on a CUDA device when it takes at most max_fraction of the free memory (batches
@@ -83,9 +93,7 @@ def upload(tokens: np.ndarray, device: torch.device, chunk: int = 1 << 26) -> to
 
 def load_tokens(path: str, vocab_size: int) -> np.memmap:
     """Open a uint16 .bin as a read-only memmap after checking its size and that every id is below vocab_size."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"token file {path} not found; point train_data/val_data at a .txt/.txt.gz "
-                                "to tokenize it, or at an existing .bin")
+    _check_file(path)
     size = os.path.getsize(path)
     if size == 0 or size % 2:
         raise ValueError(f"{path} has {size} bytes, not a whole number of uint16 tokens (truncated or not a "
@@ -120,25 +128,57 @@ def _max_token_id(path: str, tokens: np.ndarray, chunk: int = 1 << 24) -> int:
     return max_id
 
 
+def _check_file(path: str) -> None:
+    """A one-line error naming train_data/val_data for a path that is missing or not a file."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; set train_data/val_data to a .txt, .txt.gz or .bin file")
+    if not os.path.isfile(path):
+        in_repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)  # configs name paths from there
+        if not os.path.isabs(path) and os.path.isfile(in_repo):
+            raise FileNotFoundError(f"{path} not found from here (it is {in_repo}); run from the repository "
+                                    "or give train_data/val_data as absolute paths")
+        raise FileNotFoundError(f"{path} not found; download it (README lists the commands) or set "
+                                "train_data/val_data to existing .txt, .txt.gz or .bin files")
+
+
+def _writable_dir(path: str, key: str) -> None:
+    """Create the directory path if needed; refusal (a file in the way, no permission) is one line naming key."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{key}={path} cannot be created ({e.strerror}); choose a directory you can write") from None
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"{key}={path} is not writable; choose a directory you can write")
+
+
+def token_cache_path(text_path: str, tokenizer_dir: str) -> str:
+    """Where prepare caches the tokens of text_path: tokenizer_dir/<name>-<8 hex digits of its full path>.bin.
+    Example: data/val/text.txt.gz -> tokenizer_dir/text-<8 digits>.bin, and other digits for data/train/text.txt."""
+    name = os.path.basename(text_path).removesuffix(".gz").removesuffix(".txt")
+    digest = hashlib.sha256(os.path.realpath(text_path).encode()).hexdigest()[:8]  # realpath: one file, one cache
+    return os.path.join(tokenizer_dir, f"{name}-{digest}.bin")
+
+
 def prepare(text_path: str, tokenizer_dir: str, special_tokens: tuple[str, ...] = ("<|endoftext|>",),
             num_workers: int | None = None) -> str:
-    """Tokenize text_path (.txt or .txt.gz) once into tokenizer_dir/<name>.bin and return that path.
+    """Tokenize text_path (.txt or .txt.gz) once into token_cache_path(text_path, tokenizer_dir); return that path.
 
     The .bin is reused while it is newer than the text and the tokenizer files. bpe.encode_file writes to a
     temporary file and renames it, so an interrupted run never leaves a partial file under the final name.
     """
-    if not os.path.isfile(text_path):
-        raise FileNotFoundError(f"text file {text_path} not found; check train_data/val_data "
-                                "(the README lists the download commands)")
-    name = os.path.basename(text_path).removesuffix(".gz").removesuffix(".txt")
-    bin_path = os.path.join(tokenizer_dir, name + ".bin")
+    _check_file(text_path)
+    bin_path = token_cache_path(text_path, tokenizer_dir)
     sources = [text_path, os.path.join(tokenizer_dir, "vocab.json"), os.path.join(tokenizer_dir, "merges.txt")]
     if os.path.isfile(bin_path) and all(os.path.getmtime(bin_path) >= os.path.getmtime(s) for s in sources):
         return bin_path
     stale = " (replacing the partial .tmp of an interrupted run)" if os.path.exists(bin_path + ".tmp") else ""
     print(f"tokenizing {text_path} -> {bin_path}{stale}")
+    _writable_dir(tokenizer_dir, "tokenizer_dir")
     n = bpe.encode_file(text_path, bin_path, tokenizer_dir, special_tokens=tuple(special_tokens),
                         num_workers=num_workers)
+    if n == 0:  # an empty .bin would be refused later with advice (tokenize again) that gives it again
+        os.remove(bin_path)
+        raise ValueError(f"{text_path} holds no text; point train_data/val_data at a file with text in it")
     print(f"wrote {n:,} tokens to {bin_path}")
     return bin_path
 
@@ -148,11 +188,11 @@ def prepare_splits(paths: list[str], tokenizer_dir: str, vocab_size: int,
     """Token files for paths (train first): a .bin is used as given; raw text is tokenized once (cached) with the
     tokenizer in tokenizer_dir, which is trained on paths[0] with vocab_size tokens when it does not exist yet."""
     for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; download it (README lists the commands) or set "
-                                    "train_data/val_data to existing .txt, .txt.gz or .bin files")
+        _check_file(path)
     if all(p.endswith(".bin") for p in paths):
         return list(paths)
+    if vocab_size > 65536:  # before hours of training a tokenizer whose ids could not be written
+        raise ValueError(f"vocab_size={vocab_size:,} does not fit the uint16 token files; use at most 65,536")
     missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(tokenizer_dir, f))]
     if missing:
         if paths[0].endswith(".bin"):
@@ -160,6 +200,7 @@ def prepare_splits(paths: list[str], tokenizer_dir: str, vocab_size: int,
                                     f"at the tokenizer that made {paths[0]}, or pass raw text for both")
         half = f" ({missing[0]} is missing: an interrupted run?)" if len(missing) == 1 else ""
         print(f"training a {vocab_size:,}-token BPE tokenizer on {paths[0]} -> {tokenizer_dir}{half}")
+        _writable_dir(tokenizer_dir, "tokenizer_dir")
         bpe.train_tokenizer(paths[0], vocab_size, tokenizer_dir, tuple(special_tokens))
     tokenizer_vocab = bpe.load_tokenizer(tokenizer_dir, tuple(special_tokens)).vocab_size
     if tokenizer_vocab != vocab_size:
@@ -168,20 +209,20 @@ def prepare_splits(paths: list[str], tokenizer_dir: str, vocab_size: int,
     return [p if p.endswith(".bin") else prepare(p, tokenizer_dir, special_tokens) for p in paths]
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str]) -> None:
+    """python data.py CONFIG [--key=value ...]: the tokenizer and token files of a train.py configuration."""
+    import train  # the same configuration as training; imported here, as train.py imports this module
 
-    import train  # the same configuration as training: python data.py config/owt.py [--key=value ...]
-
+    cfg = train.configure(train.DEFAULTS, argv)
     try:
-        cfg = train.configure(train.DEFAULTS, sys.argv[1:])
         for path in prepare_splits([cfg["train_data"], cfg["val_data"]], cfg["tokenizer_dir"], cfg["vocab_size"],
                                    cfg["special_tokens"]):
             print(f"{path}: {len(load_tokens(path, cfg['vocab_size'])):,} tokens")
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; run the same command again: finished files are kept, the rest starts over",
-              file=sys.stderr)
-        sys.exit(130)
+        raise KeyboardInterrupt("run the same command again: finished files are kept, the rest starts over") from None
+
+
+if __name__ == "__main__":
+    from configurator import run_cli
+
+    run_cli(main)

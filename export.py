@@ -38,10 +38,7 @@ def main(argv: list[str]) -> None:
     except TypeError as e:
         raise ValueError(f"{ckpt_path} does not fit this model.py ({e})") from None
     model = hf.build_model(ckpt["model_config"], ckpt["model"], f"the weights in {ckpt_path}")
-    tokenizer_dir, specials = checkpoint_tokenizer(ckpt, ckpt_path)
-    if tokenizer_dir is None:
-        raise FileNotFoundError(f"{ckpt_path}: its tokenizer (vocab.json + merges.txt) is no longer where the "
-                                "checkpoint says; put it back there")
+    tokenizer_dir, specials = checkpoint_tokenizer(ckpt, ckpt_path)  # or a one-line FileNotFoundError
     hf.save_pretrained(model, bpe.load_tokenizer(tokenizer_dir, specials), cfg["to"], cfg["dtype"], cfg["force"])
     size = os.path.getsize(os.path.join(cfg["to"], "model.safetensors"))
     print(f"wrote {cfg['to']} ({hf.hf_config(model.config, None)['architectures'][0]}, {cfg['dtype']}, "

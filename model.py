@@ -531,14 +531,13 @@ def format_accounting(acc: dict) -> str:
 
 
 if __name__ == "__main__":
-    import sys
+    from configurator import run_cli
 
-    import train
+    def main(argv: list[str]) -> None:
+        """python model.py [config/FILE.py ...] [--key=value ...]: the accounting of a train.py configuration."""
+        import train  # train.py imports this module: import it only when run as a script
 
-    try:
-        run_config = train.configure(train.DEFAULTS, sys.argv[1:])
+        run_config = train.configure(train.DEFAULTS, argv)
         print(format_accounting(accounting(run_config, run_config["batch_size"])))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
+    run_cli(main)

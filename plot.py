@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 NUMBERS = ("tokens", "elapsed_s", "train_loss", "val_loss", "tokens_per_s")  # log.csv columns we plot or tabulate
 UNLABELLED = {"out_dir", "resume"}  # config keys that differ between runs without describing them
+FORMATS = ("png", "svg", "svgz", "pdf", "eps", "ps", "pgf")  # what matplotlib writes without extra packages
 HEADER = ("run", "best val", "final val", "tokens", "wall time", "tokens/s", "diverged")
 
 
@@ -229,9 +230,20 @@ def write_plot(runs: list[Run], out: str, ylim: tuple[float, float] | None) -> b
     by_tokens.legend(fontsize="small")
     fig.tight_layout()
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    fig.savefig(out + ".tmp", format=os.path.splitext(out)[1][1:] or "png", dpi=110)
+    fig.savefig(out + ".tmp", format=os.path.splitext(out)[1][1:].lower() or "png", dpi=110)
     os.replace(out + ".tmp", out)  # atomic: never a half-written picture under the final name
     return True
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a meaningless --ylim or --out before reading any run, in one line naming the option."""
+    if args.ylim and not (all(map(math.isfinite, args.ylim)) and args.ylim[0] < args.ylim[1]):
+        raise ValueError(f"--ylim {args.ylim[0]:g} {args.ylim[1]:g}: give two finite numbers, the lower first")
+    if args.out and os.path.isdir(args.out):
+        raise ValueError(f"--out={args.out} is a directory; name an image file, e.g. {args.out}/plot.png")
+    ext = os.path.splitext(args.out or "")[1][1:].lower()
+    if ext and ext not in FORMATS:
+        raise ValueError(f"--out={args.out}: matplotlib cannot write .{ext} files here; use .png, .svg or .pdf")
 
 
 def main(argv: list[str]) -> int:
@@ -243,6 +255,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--table", choices=("text", "md"), default="text", help="table format (md: Markdown)")
     parser.add_argument("--label", help="comma-separated config keys to label runs by (default: all that differ)")
     args = parser.parse_args(argv)
+    check_args(args)
     runs = []
     for path in expand(args.runs):
         try:
@@ -252,7 +265,11 @@ def main(argv: list[str]) -> int:
     if not runs:
         note("no run could be read")
         return 2
-    label_runs(runs, args.label.split(",") if args.label else None)
+    only = args.label.split(",") if args.label else None
+    for key in only or ():
+        if not any(key in r.config for r in runs):
+            note(f"--label: no run's config has the key '{key}'")
+    label_runs(runs, only)
     print(format_table([table_row(r) for r in runs], markdown=args.table == "md"))
     out = args.out or os.path.join(os.path.dirname(os.path.normpath(runs[0].path)), "plot.png")
     if write_plot(runs, out, args.ylim or auto_ylim(runs)):
@@ -263,8 +280,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from configurator import run_cli
+
+    run_cli(main)

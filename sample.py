@@ -3,9 +3,11 @@
     python sample.py --out_dir=out/demo
     python sample.py --out_dir=out/tinystories --prompt="Once upon a time" --temperature=0.8 --top_p=0.95
     python sample.py --out_dir=out/demo --compare=True     # time KV-cache decoding against recomputing the prefix
+
+The tokenizer and its special tokens are the run's, as its checkpoint records them; a sample stops at the first
+special token (the run's document separator), and a prompt may hold any of them.
 """
 import os
-import sys
 import time
 
 import torch
@@ -14,7 +16,8 @@ from torch import Tensor
 import bpe
 import hf
 import train
-from configurator import configure
+from checkpoint import checkpoint_tokenizer
+from configurator import configure, run_cli
 from model import TransformerLM, softmax
 
 DEFAULTS = {
@@ -23,7 +26,7 @@ DEFAULTS = {
     "prompt": "Once upon a time",  # text the samples continue
     "temperature": 0.8,  # 0 = greedy; below 1 sharpens, above 1 flattens the distribution
     "top_p": 0.95,  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)
-    "max_new_tokens": 256,  # tokens generated per sample (fewer if <|endoftext|> comes first)
+    "max_new_tokens": 256,  # tokens generated per sample (fewer if the run's document separator comes first)
     "num_samples": 3,  # samples printed
     "seed": 0,  # seeds the sampling generator: same seed, same samples
     "device": "auto",  # 'auto' picks cuda, then mps, then cpu
@@ -47,7 +50,8 @@ def next_token(logits: Tensor, temperature: float, top_p: float, generator: torc
     """Pick a token from logits (vocab,): argmax if temperature is 0, else sample the nucleus of softmax(logits / T)."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = softmax(logits.float() / temperature, -1)
+    logits = logits.float()
+    probs = softmax((logits - logits.max()) / temperature, -1)  # shifted first: a tiny T gives -inf, never inf - inf
     if top_p < 1:
         probs = top_p_filter(probs, top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -105,20 +109,27 @@ def time_decoding(model: TransformerLM, prompt_ids: list[int], max_new_tokens: i
             "identical": tokens[True] == tokens[False]}
 
 
-def load_model(ckpt_path: str, device: torch.device) -> tuple[TransformerLM, str]:
-    """Rebuild the model of a train.py checkpoint on device, in eval mode; returns (model, tokenizer_dir)."""
+def load_model(ckpt_path: str, device: torch.device) -> tuple[TransformerLM, bpe.Tokenizer]:
+    """Rebuild the model of a train.py checkpoint on device, in eval mode, and load its run's tokenizer."""
     ckpt = train.read_checkpoint(ckpt_path)  # FileNotFoundError, or a one-line ValueError for a damaged file
     try:
         model = TransformerLM(**ckpt["model_config"])
-        tokenizer_dir = ckpt["tokenizer_dir"]
     except (TypeError, KeyError) as e:
         raise ValueError(f"{ckpt_path} does not fit this model.py ({type(e).__name__}: {e})") from None
+    tokenizer_dir, special_tokens = checkpoint_tokenizer(ckpt, ckpt_path)
+    tokenizer = bpe.load_tokenizer(tokenizer_dir, special_tokens)
+    if tokenizer.vocab_size > model.config["vocab_size"]:  # its ids would index past the embedding
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size:,} tokens but the model of "
+                         f"{ckpt_path} only {model.config['vocab_size']:,}; it is not the tokenizer of this run")
     train.load_checkpoint(ckpt, model, None)
-    return model.to(device).eval(), tokenizer_dir
+    return model.to(device).eval(), tokenizer
 
 
 def main(argv: list[str]) -> None:
     cfg = configure(DEFAULTS, argv)
+    for key in ("max_new_tokens", "num_samples"):
+        if cfg[key] < 1:
+            raise ValueError(f"{key}={cfg[key]} is not allowed; use a count of at least 1")
     device = train.pick_device(cfg["device"], local_rank=0)
     if cfg["init_from"].startswith("hf:"):
         model, tokenizer = hf.load_pretrained(cfg["init_from"][3:], device)
@@ -127,12 +138,11 @@ def main(argv: list[str]) -> None:
     elif cfg["init_from"]:
         raise ValueError(f"init_from={cfg['init_from']!r} is not allowed; use '' (out_dir/ckpt.pt) or 'hf:PATH'")
     else:
-        model, tokenizer_dir = load_model(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
-        tokenizer = bpe.load_tokenizer(tokenizer_dir)
+        model, tokenizer = load_model(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
     prompt_ids = tokenizer.encode(cfg["prompt"])
     if not prompt_ids:
         raise ValueError("the prompt is empty; pass --prompt=\"some text\"")
-    (eos_id,) = tokenizer.encode("<|endoftext|>")
+    eos_id = next(iter(tokenizer.special_ids.values()), None)  # the first special token separates documents
     generator = torch.Generator(device).manual_seed(cfg["seed"])
     for i in range(cfg["num_samples"]):
         new = generate(model, prompt_ids, cfg["max_new_tokens"], cfg["temperature"], cfg["top_p"], eos_id, generator)
@@ -144,8 +154,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

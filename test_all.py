@@ -40,6 +40,7 @@ import regex
 import torch
 
 import bench
+import checkpoint
 import bpe
 import data
 import hf
@@ -50,7 +51,7 @@ import train
 from model import (Embedding, KERNEL_OPS, Linear, MultiHeadSelfAttention, RMSNorm, RotaryPositionalEmbedding,
                    TransformerLM, accounting, cross_entropy, scaled_dot_product_attention, silu, softmax)
 from optim import AdamW, clip_grad_norm, cosine_lr
-from sample import generate, top_p_filter
+from sample import generate, next_token as sample_next_token, top_p_filter
 
 
 class Skipped(Exception):
@@ -422,12 +423,14 @@ def test_bpe_encode_file():
             assert f.read() == b"old" and not os.path.exists(out + ".tmp")
         big = os.path.join(tmp, "big")
         os.mkdir(big)
+        u = _bpe_byte_to_unicode()
+        pairs = list(itertools.product(range(256), repeat=2))[:65536 - 256]  # two-byte tokens, each made by a merge
         with open(os.path.join(big, "vocab.json"), "w") as f:
-            json.dump({**{c: b for b, c in _bpe_byte_to_unicode().items()},
-                       **{f"t{i}": i for i in range(256, 65536)}}, f)
-        open(os.path.join(big, "merges.txt"), "w").close()
+            json.dump({**{c: b for b, c in u.items()}, **{u[x] + u[y]: 256 + i for i, (x, y) in enumerate(pairs)}}, f)
+        with open(os.path.join(big, "merges.txt"), "w") as f:
+            f.writelines(f"{u[x]} {u[y]}\n" for x, y in pairs)
         small = _bpe_write(os.path.join(tmp, "small.txt"), "hi")
-        assert bpe.encode_file(small, out, big, special_tokens=()) == 2  # 65536 tokens fit in uint16
+        assert bpe.encode_file(small, out, big, special_tokens=()) == 1  # 65536 tokens fit in uint16; "hi" is one
         try:
             bpe.encode_file(small, out, big)  # <|endoftext|> is appended as token 65537
             raise AssertionError("65537 tokens accepted for uint16")
@@ -1288,7 +1291,7 @@ def test_raw_text_trains_tokenizer_once_and_caches_token_files():
         cfg = dict(_pipeline_cfg(root, max_iters=2, vocab_size=300), train_data=os.path.join(root, "train.txt"),
                    val_data=os.path.join(root, "val.txt"))
         assert train.main(cfg)["status"] == "done"
-        bins = [os.path.join(cfg["tokenizer_dir"], name) for name in ("train.bin", "val.bin")]
+        bins = [data.token_cache_path(cfg[key], cfg["tokenizer_dir"]) for key in ("train_data", "val_data")]
         stamps = [os.stat(p).st_mtime_ns for p in bins + [os.path.join(cfg["tokenizer_dir"], "vocab.json")]]
         train.main(cfg)
         assert stamps == [os.stat(p).st_mtime_ns for p in bins + [os.path.join(cfg["tokenizer_dir"], "vocab.json")]]
@@ -2035,8 +2038,8 @@ def test_faults_killed_data_preparation_restarts_cleanly():
             workers = f.read().split()  # the encoding pool
         os.kill(pid, signal.SIGKILL)
         assert _faults_wait(pid) == -signal.SIGKILL and ready == b"!", _faults_tail(log)
-        partial = os.path.join(tok_dir, "train.bin.tmp")
-        assert os.path.getsize(partial) > 0 and not os.path.exists(os.path.join(tok_dir, "train.bin"))
+        partial = data.token_cache_path(paths[0], tok_dir) + ".tmp"
+        assert os.path.getsize(partial) > 0 and not os.path.exists(data.token_cache_path(paths[0], tok_dir))
         assert len(workers) == 2
         deadline = time.monotonic() + 20
         while _faults_alive(workers) and time.monotonic() < deadline:
@@ -3331,6 +3334,348 @@ def test_hf_bad_inputs_one_line_errors():
         for name in ("config.json", "model.safetensors"):
             shutil.copy(os.path.join(root, "ok", name), os.path.join(root, name))
         assert "SentencePiece" in _hf_error(hf.read_pretrained, root)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Careless use (issue 15): what a new user types, each answered in one line
+# ----------------------------------------------------------------------------------------------------
+
+_CARELESS_REPO = os.path.dirname(os.path.abspath(train.__file__))
+
+
+def _careless_cli(target, argv, **env):
+    """Run a script's __main__ block (runpy) or a main function through configurator.run_cli, in-process, with argv
+    and extra environment -> (exit code, stdout, stderr)."""
+    import configurator
+    out, err, saved_argv, saved_env = io.StringIO(), io.StringIO(), sys.argv, dict(os.environ)
+    sys.argv = [str(target), *argv]
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if callable(target):
+                configurator.run_cli(target)
+            runpy.run_path(os.path.join(_CARELESS_REPO, target), run_name="__main__")
+        raise AssertionError(f"{target} returned without sys.exit")
+    except SystemExit as e:
+        return e.code, out.getvalue(), err.getvalue()
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def _careless_one_line(code, err, *words):
+    """Exit code 2 and one `error: ...` line holding every word (callers pass _careless_cli(...)[::2]: code, stderr)."""
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (code, err)
+    assert "Traceback" not in err and all(w in err for w in words), (err, words)
+
+
+def _careless_run(root):
+    """root/run/out/ckpt.pt: a tiny model whose head is zero (all logits equal: greedy takes id 0), trained with the
+    special token <|doc|> (id 0) and recording tokenizer_dir 'run/tok' relative to root, as older checkpoints do."""
+    text = "the cat sat on the mat<|doc|>a dog ran far<|doc|>" * 20
+    tok = bpe.train_tokenizer(_bpe_write(os.path.join(root, "t.txt"), text), 300, os.path.join(root, "run", "tok"),
+                              ["<|doc|>"], 1)
+    torch.manual_seed(0)
+    lm = TransformerLM(tok.vocab_size, 16, 16, 1, 2, d_ff=32)
+    with torch.no_grad():
+        lm.lm_head.weight.zero_()
+    out = os.path.join(root, "run", "out")
+    os.makedirs(out)
+    cfg = {**train.DEFAULTS, "special_tokens": ("<|doc|>",), "tokenizer_dir": "run/tok", "vocab_size": tok.vocab_size}
+    train.save_checkpoint(lm, AdamW(lm.parameters(), lr=1e-3), 1, os.path.join(out, "ckpt.pt"), config=cfg,
+                          tokenizer_dir="run/tok")
+    return out
+
+
+def test_careless_run_cli_exit_codes_one_line_and_rank_0_speaks():
+    def fails(error):
+        def main(argv):
+            raise error
+        return main
+
+    assert _careless_cli(lambda argv: None, [])[0] == 0 and _careless_cli(lambda argv: 3, [])[0] == 3
+    for error in (ValueError("bad key"), FileNotFoundError("f.txt not found"), OSError("disk\nfull")):
+        code, out, err = _careless_cli(fails(error), [])
+        _careless_one_line(code, err, str(error).splitlines()[0])
+    oom = type("OutOfMemoryError", (RuntimeError,), {})  # torch.OutOfMemoryError, recognised without importing torch
+    for error in (MemoryError(), oom("CUDA out of memory. Tried to allocate 2 GiB\nmore advice")):
+        _careless_one_line(*_careless_cli(fails(error), [])[::2], "out of memory")
+    assert _careless_cli(fails(KeyboardInterrupt()), []) == (130, "", "interrupted\n")
+    assert _careless_cli(fails(KeyboardInterrupt("run again")), [])[2] == "interrupted; run again\n"
+    same = fails(ValueError("same on every rank"))
+    assert _careless_cli(same, [], RANK="0")[::2] == (2, "error: same on every rank\n")
+    assert _careless_cli(same, [], RANK="3") == (2, "", "")  # every rank meets the same bad input: rank 0 says it
+    assert _careless_cli(fails(KeyboardInterrupt()), [], RANK="3") == (130, "", "")
+    own = _careless_cli(fails(oom("CUDA out of memory")), [], RANK="3")[2]  # its own device: said, naming the rank
+    assert own == "error (rank 3): out of memory: CUDA out of memory\n", own
+    try:
+        _careless_cli(fails(RuntimeError("a bug")), [])
+        raise AssertionError("a bug was hidden")
+    except RuntimeError as e:
+        assert str(e) == "a bug"
+    with tempfile.TemporaryDirectory() as root:  # `python bpe.py ... | head`: the reader is gone before we print
+        text = _bpe_write(os.path.join(root, "t.txt"), "some text")
+        proc = subprocess.Popen([sys.executable, bpe.__file__, "train", f"--input={text}", "--vocab_size=260",
+                                 f"--out_dir={root}", "--num_workers=1"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == 1 and proc.stderr.read() == b"", "a closed pipe gave a traceback"
+
+
+def test_careless_key_suggestions_only_when_near():
+    def hint(key):
+        try:
+            train.configure(train.DEFAULTS, [f"--{key}=1"])
+        except ValueError as e:
+            assert "\n" not in str(e)
+            return str(e)
+        raise AssertionError(f"--{key} accepted")
+
+    near = {"learning_rate": "'lr'", "iters": "'max_iters'", "batch": "'batch_size'", "n_layer": "'num_layers'",
+            "n_head": "'num_heads'", "n_embd": "'d_model'", "block_size": "'context_length'", "lr_min": "'min_lr'",
+            "max-iters": "'max_iters'", "lrr": "'lr'", "warmup": "'warmup_iters'", "batchsize": "'batch_size'"}
+    for key, suggestion in near.items():
+        assert f"did you mean {suggestion}?" in hint(key), hint(key)
+    assert "this model has no dropout" in hint("dropout") and "did you mean" not in hint("dropout")
+    for far in ("leraning_rate", "colour", "xyz"):
+        assert "did you mean" not in hint(far), hint(far)
+    for positional in ("lr=3e-3", _CARELESS_REPO):  # a forgotten --, a folder for a file
+        try:
+            train.configure(train.DEFAULTS, [positional])
+            raise AssertionError(f"{positional} accepted")
+        except FileNotFoundError as e:
+            assert "--key=value" in str(e) and positional in str(e), e
+
+
+def test_careless_non_finite_and_huge_numbers_refused_by_key():
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "c.py")
+        with open(path, "w") as f:
+            f.write("lr = float('nan')\n")
+        latin = os.path.join(root, "latin.py")
+        with open(latin, "wb") as f:
+            f.write(b"# caf\xe9\nlr = 1e-3\n")
+        cases = [(["--lr=nan"], "lr"), (["--lr=inf"], "lr"), (["--min_lr=-inf"], "min_lr"), (["--lr=1e999"], "lr"),
+                 ([path], "lr"), (["--max_iters=1e30"], "max_iters"), ([f"--seed={2**70}"], "seed"),
+                 (["--target_val_loss=nan"], "target_val_loss"), (["--betas=(0.9, 1e999)"], "betas"),
+                 ([f"--d_ff={2**70}"], "d_ff"), ([latin], "latin.py")]
+        for argv, key in cases:
+            try:
+                train.configure(train.DEFAULTS, argv)
+                raise AssertionError(f"{argv} accepted")
+            except ValueError as e:
+                assert str(e).startswith((f"{key}=", "config file")) and key in str(e) and "\n" not in str(e), e
+    cfg = train.configure(train.DEFAULTS, [f"--seed={2**63 - 1}", "--lr=1e30"])  # a huge lr is a real experiment
+    assert cfg["seed"] == 2**63 - 1 and cfg["lr"] == 1e30
+
+
+def test_careless_two_texts_with_one_name_get_their_own_caches():
+    """data/train/text.txt and data/val/text.txt used to share tokenizer_dir/text.bin: validation on training text."""
+    with tempfile.TemporaryDirectory() as root:
+        texts = {split: _bpe_corpus(seed, 30) for seed, split in enumerate(("train", "val"))}
+        paths = []
+        for split, text in texts.items():
+            os.makedirs(os.path.join(root, split))
+            paths.append(_bpe_write(os.path.join(root, split, "text.txt"), text))
+        with contextlib.redirect_stdout(io.StringIO()):
+            bins = data.prepare_splits(paths, os.path.join(root, "tok"), 300)
+        assert bins[0] != bins[1] and all(os.path.basename(b).startswith("text-") for b in bins), bins
+        tok = bpe.load_tokenizer(os.path.join(root, "tok"))
+        for path, text in zip(bins, texts.values()):
+            assert np.fromfile(path, dtype="<u2").tolist() == tok.encode(text)
+        same_file = os.path.join(root, "val", ".", "text.txt")
+        assert data.token_cache_path(same_file, "t") == data.token_cache_path(paths[1], "t")
+
+
+def test_careless_short_empty_and_missing_data_named_with_their_key():
+    with tempfile.TemporaryDirectory() as root:
+        short = os.path.join(root, "short.bin")
+        np.arange(10, dtype="<u2").tofile(short)
+        tokens = data.load_tokens(short, 64)
+        for fn in (lambda: data.check_length(short, tokens, 16, "val_data"),
+                   lambda: data.get_batch(tokens, 2, 16, "cpu")):
+            try:
+                fn()
+                raise AssertionError("10 tokens accepted for context_length 16")
+            except ValueError as e:
+                assert "short.bin" in str(e) and "val_data" in str(e) and "at most 9" in str(e), e
+        data.check_length(short, tokens, 9, "val_data")  # 10 tokens make one window of 9 + 1
+        train_txt = _bpe_write(os.path.join(root, "train.txt"), _bpe_corpus(0, 30))
+        empty = _bpe_write(os.path.join(root, "empty.txt"), "")
+        blocker = _bpe_write(os.path.join(root, "file"), "x")
+        for paths, tok_dir, vocab, words in [([train_txt, empty], "tok", 300, ["empty.txt", "no text"]),
+                                             ([train_txt, empty], "big", 70000, ["vocab_size=70,000", "65,536"]),
+                                             ([empty, train_txt], "tok2", 300, ["empty.txt", "no text"]),
+                                             ([train_txt, root], "tok", 300, ["is a directory"]),
+                                             ([train_txt, train_txt], "file/tok", 300, ["tokenizer_dir=", "Not a dir"])]:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    data.prepare_splits(paths, os.path.join(root, tok_dir), vocab)
+                raise AssertionError(f"{paths} accepted")
+            except (ValueError, OSError) as e:
+                assert all(w in str(e) for w in words) and "\n" not in str(e), e
+        assert not [n for n in os.listdir(os.path.join(root, "tok")) if n.startswith("empty")]  # no empty .bin left
+    try:  # a config's repository-relative path, from another working directory
+        data.prepare_splits([os.path.join("..", "no", "such.txt"), "data/shakespeare_val.txt.gz"], "tok", 300)
+        raise AssertionError("a missing file accepted")
+    except FileNotFoundError as e:
+        assert "no/such.txt not found; download it" in str(e), e
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as elsewhere:
+        os.chdir(elsewhere)
+        try:
+            data.prepare_splits(["data/shakespeare_val.txt.gz"], "tok", 300)
+            raise AssertionError("a path relative to the repository found from elsewhere")
+        except FileNotFoundError as e:
+            assert "run from the repository" in str(e) and os.path.join(_CARELESS_REPO, "data") in str(e), e
+        finally:
+            os.chdir(cwd)
+
+
+def test_careless_broken_text_files_one_line_from_every_command():
+    """A truncated .txt.gz (an interrupted download), not-gzip .gz, non-UTF-8, empty and directory inputs."""
+    with tempfile.TemporaryDirectory() as root:
+        text = _bpe_corpus(0, 200)
+        full = _bpe_write(os.path.join(root, "full.txt.gz"), text, compress=True)
+        cut = os.path.join(root, "cut.txt.gz")
+        with open(full, "rb") as f, open(cut, "wb") as g:
+            g.write(f.read()[:len(text) // 8])
+        tok_dir = os.path.join(root, "tok")
+        bpe.train_tokenizer(full, 300, tok_dir, num_workers=1)
+        for argv in (["train", f"--input={cut}", "--vocab_size=300", f"--out_dir={root}/new", "--num_workers=1"],
+                     ["stats", f"--tokenizer={tok_dir}", f"--input={cut}"],
+                     ["encode", f"--tokenizer={tok_dir}", f"--input={cut}", f"--out={root}/o.bin", "--num_workers=1"]):
+            code, out, err = _careless_cli("bpe.py", argv)
+            _careless_one_line(code, err, "cut.txt.gz is a truncated or corrupt gzip file", "download it again")
+        assert not os.path.exists(f"{root}/new") and not [n for n in os.listdir(root) if n.startswith("o.bin")]
+        code, out, err = _careless_cli("data.py", [f"--train_data={cut}", f"--val_data={full}",
+                                                   f"--tokenizer_dir={root}/tok3", "--vocab_size=300"])
+        _careless_one_line(code, err, "cut.txt.gz is a truncated or corrupt gzip file")
+        not_gzip = _bpe_write(os.path.join(root, "plain.txt.gz"), "plain text")
+        latin = os.path.join(root, "latin.txt")
+        with open(latin, "wb") as f:
+            f.write("café".encode("latin-1"))
+        empty = _bpe_write(os.path.join(root, "empty.txt"), "")
+        for path, words in [(not_gzip, "corrupt gzip"), (latin, "not UTF-8"), (empty, "no text"), (root, "directory")]:
+            _careless_one_line(*_careless_cli("bpe.py", ["train", f"--input={path}", "--vocab_size=300",
+                                                         f"--out_dir={root}/new", "--num_workers=1"])[::2], words)
+        too_many = ["train", f"--input={full}", "--vocab_size=300", f"--out_dir={root}/new", "--num_workers=1000"]
+        _careless_one_line(*_careless_cli("bpe.py", too_many)[::2], "--num_workers=1000")
+        under_a_file = ["train", f"--input={full}", "--vocab_size=300", f"--out_dir={empty}/tok"]
+        _careless_one_line(*_careless_cli("bpe.py", under_a_file)[::2], "--out_dir=", "cannot be written")
+        keep = _bpe_write(os.path.join(root, "keep.txt"), "my text")
+        argv = ["encode", f"--tokenizer={tok_dir}", f"--input={keep}", f"--out={keep}"]
+        _careless_one_line(*_careless_cli("bpe.py", argv)[::2], "--out=")
+        with open(keep) as f:
+            assert f.read() == "my text"
+
+
+def test_careless_tokenizer_files_that_parse_but_do_not_fit():
+    with tempfile.TemporaryDirectory() as root:
+        tok = bpe.train_tokenizer(_bpe_write(os.path.join(root, "t.txt"), _bpe_corpus(0, 30)), 300, root,
+                                  num_workers=1)
+        vocab, merges = (os.path.join(root, n) for n in ("vocab.json", "merges.txt"))
+        with open(merges) as f:
+            lines = f.read().splitlines(keepends=True)
+        u = _bpe_byte_to_unicode()
+        cases = {"empty": (merges, ""), "cut": (merges, "".join(lines[:20])),
+                 "unknown": (merges, "".join(lines) + "q" * 9 + " z\n"), "latin": (merges, "#version\n\xe9 \xe9\n"),
+                 "list": (vocab, json.dumps(list(u.values()))),
+                 "id to token": (vocab, json.dumps({str(i): c for i, c in enumerate(u.values())}))}
+        originals = {p: open(p, encoding="utf-8").read() for p in (vocab, merges)}
+        for name, (path, content) in cases.items():
+            with open(path, "w", encoding="latin-1" if name == "latin" else "utf-8") as f:
+                f.write(content)
+            try:
+                bpe.load_tokenizer(root)
+                raise AssertionError(f"{name} accepted")
+            except ValueError as e:
+                assert os.path.basename(path) in str(e) and "\n" not in str(e), (name, e)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(originals[path])
+        assert bpe.load_tokenizer(root).merges == tok.merges
+        try:
+            bpe.load_tokenizer(root, special_tokens=("<|other|>",))  # its <|endoftext|> would be plain text
+            raise AssertionError("a vocab with an unknown special token accepted")
+        except ValueError as e:
+            assert "special tokens" in str(e)
+
+
+def test_careless_sample_uses_the_runs_special_tokens_and_finds_its_tokenizer():
+    """The run's separator <|doc|> (id 0) ends a sample and may appear in a prompt; <|endoftext|>, not special in this
+    run, is plain text (it used to be appended as an id past the model's vocabulary: IndexError). The tokenizer is
+    found from the repository as the working directory although the checkpoint records 'run/tok' relative to root."""
+    with tempfile.TemporaryDirectory() as root:
+        out = _careless_run(root)
+        prompt = "a cat<|doc|>the dog<|endoftext|>"
+        code, stdout, err = _careless_cli("sample.py", [f"--out_dir={out}", f"--prompt={prompt}", "--temperature=0",
+                                                        "--num_samples=2", "--max_new_tokens=5", "--device=cpu"])
+        assert code == 0, err
+        assert stdout.split("--- sample 1/2 ---\n", 1)[1] == f"{prompt}\n--- sample 2/2 ---\n{prompt}\n", stdout
+        ckpt = train.read_checkpoint(os.path.join(out, "ckpt.pt"))
+        tokenizer_dir = os.path.join(root, "run", "tok")
+        assert checkpoint.checkpoint_tokenizer(ckpt, os.path.join(out, "ckpt.pt")) == (tokenizer_dir, ("<|doc|>",))
+        record = {"dir": "/no/such/dir", "rel": "../tok", "special_tokens": ["<|doc|>", "<|x|>"]}
+        assert checkpoint.checkpoint_tokenizer({"tokenizer": record}, os.path.join(out, "ckpt.pt")) == (tokenizer_dir,
+                                                                                             ("<|doc|>", "<|x|>"))
+        try:
+            checkpoint.checkpoint_tokenizer({"tokenizer_dir": "gone/tok"}, os.path.join(out, "ckpt.pt"))
+            raise AssertionError("a missing tokenizer accepted")
+        except FileNotFoundError as e:
+            assert os.path.join(root, "gone", "tok") in str(e) and "\n" not in str(e)
+        for bad in ("--max_new_tokens=0", "--num_samples=-1", "--temperature=-1", "--top_p=1.5", "--temperature=inf"):
+            _careless_one_line(*_careless_cli("sample.py", [f"--out_dir={out}", bad])[::2], bad[2:].split("=")[0])
+        _careless_one_line(*_careless_cli("sample.py", [f"--out_dir={root}"])[::2], "no checkpoint")
+        logits = torch.tensor([0.0, 1.0, 3.0])
+        assert sample_next_token(logits, 1e-30, 0.95, None) == 2  # a tiny temperature is greedy, not nan
+
+
+def test_careless_sample_ctrl_c_from_another_directory_exits_130():
+    with tempfile.TemporaryDirectory() as root:
+        out = _careless_run(root)
+        elsewhere = os.path.join(root, "elsewhere")
+        os.mkdir(elsewhere)
+        argv = [f"--out_dir={out}", "--temperature=1", "--num_samples=1000000", "--max_new_tokens=2", "--device=cpu"]
+        proc = subprocess.Popen([sys.executable, os.path.join(_CARELESS_REPO, "sample.py"), *argv], cwd=elsewhere,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"},  # a shell's `&` job ignores Ctrl-C:
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not inherited
+        try:
+            while "--- sample 1/" not in (line := proc.stdout.readline()) and line:  # a sample: the tokenizer was found
+                pass
+            proc.send_signal(signal.SIGINT)
+            said = proc.stderr.readline() if select.select([proc.stderr], [], [], 60)[0] else "(nothing in 60 s)"
+            err = said + proc.communicate(timeout=120)[1]
+        finally:
+            proc.kill()
+        assert proc.returncode == 130 and err == "interrupted\n", (proc.returncode, err)
+
+
+def test_careless_plot_and_model_cli():
+    with tempfile.TemporaryDirectory() as root:
+        _plot_three_runs(root)
+        runs = os.path.join(root, "lr_*")
+        for argv, words in [(["--ylim", "nan", "3"], "--ylim"), (["--ylim", "3", "1"], "--ylim"),
+                            ([f"--out={root}"], "is a directory"), ([f"--out={root}/p.xyz"], ".xyz")]:
+            _careless_one_line(*_careless_cli("plot.py", [runs, *argv])[::2], words)
+        assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
+        code, out, err = _careless_cli("plot.py", [runs, "--label=nope", f"--out={root}/p.svg"])
+        assert code == 0 and "'nope'" in err, err
+    code, out, err = _careless_cli("model.py", ["--d_model=48", "--num_heads=4", "--learning_rate=1"])
+    _careless_one_line(code, err, "'lr'")
+    assert _careless_cli("model.py", [os.path.join(_CARELESS_REPO, "config", "demo.py")])[0] == 0
+
+
+def test_careless_readme_configuration_table_lists_every_key():
+    """Every key of train.py once, and no section row left empty (section comments once leaked into it as rows)."""
+    with open(os.path.join(_CARELESS_REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    rows = readme[readme.index("| key | default | meaning |"):].split("\n\n")[0].splitlines()[2:]
+    keys = [re.match(r"\| `(\w+)` \|", row) for row in rows]
+    assert all(k or i + 1 < len(rows) and keys[i + 1] for i, k in enumerate(keys)), "a section row without keys"
+    listed = [k[1] for k in keys if k]
+    assert sorted(listed) == sorted(train.DEFAULTS), set(listed) ^ set(train.DEFAULTS)
 
 
 # ----------------------------------------------------------------------------------------------------

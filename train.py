@@ -176,8 +176,12 @@ def read_source(cfg: dict) -> tuple[dict | None, str]:
     ckpt = read_checkpoint(path)
     if "model_config" not in ckpt:
         raise ValueError(f"init_from={path} holds no model_config (not a TransformerLM checkpoint of train.py)")
+    try:
+        tokenizer_dir = checkpoint_tokenizer(ckpt, path)[0]
+    except FileNotFoundError as e:
+        tokenizer_dir = str(e)  # for the message, should tokenizer_dir hold none
     return {"model_config": ckpt["model_config"], "state_dict": ckpt["model"], "tokenizer": None,
-            "iteration": int(ckpt.get("iteration", 0)), "tokenizer_dir": checkpoint_tokenizer(ckpt, path)[0]}, path
+            "iteration": int(ckpt.get("iteration", 0)), "tokenizer_dir": tokenizer_dir}, path
 
 
 def check_resume(ckpt: dict, cfg: dict, flags: dict, path: str) -> None:
@@ -204,7 +208,7 @@ def check_tokenizer_source(cfg: dict, source: dict | None, name: str) -> bpe.Tok
     if "tokenizer_dir" in source:  # a train.py checkpoint: its tokenizer directory is recorded
         if not have:
             raise ValueError(f"init_from={name}: tokenizer_dir={cfg['tokenizer_dir']!r} holds no tokenizer; set it "
-                             f"to the one these weights were trained with ({source['tokenizer_dir'] or 'not found'})")
+                             f"to the one these weights were trained with ({source['tokenizer_dir']})")
         return None
     if imported is None or type(imported) is not bpe.Tokenizer:  # bpe.encode_file tokenizes with a plain Tokenizer
         why = "has no tokenizer.json" if imported is None else "has a tokenizer that splits digits off first"
@@ -596,11 +600,8 @@ def lr_at(step: int, cfg: dict) -> float:
 def check_lengths(cfg: dict, bins: list[str], tokens: list) -> np.ndarray:
     """Both token files hold at least one window, and the validation windows (returned as starts) are fixed."""
     for key, path, t in zip(("train_data", "val_data"), bins, tokens):
-        if len(t) <= cfg["context_length"]:
-            raise ValueError(f"{key}: {path} has {len(t):,} tokens, fewer than one window (context_length + 1 = "
-                             f"{cfg['context_length'] + 1}); use a longer file or a smaller context_length")
-    starts = data.eval_starts(len(tokens[1]), cfg["context_length"], cfg["eval_tokens"])
-    return starts
+        data.check_length(path, t, cfg["context_length"], key)
+    return data.eval_starts(len(tokens[1]), cfg["context_length"], cfg["eval_tokens"])
 
 
 def main(cfg: dict) -> dict:
