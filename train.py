@@ -604,182 +604,253 @@ def check_lengths(cfg: dict, bins: list[str], tokens: list) -> np.ndarray:
     return data.eval_starts(len(tokens[1]), cfg["context_length"], cfg["eval_tokens"])
 
 
-def main(cfg: dict) -> dict:
-    """Train as cfg says (missing keys take DEFAULTS). Returns {status, step, train_loss, val_loss, val_bpb, model},
-    where status is 'done', 'target' (target_val_loss reached), 'diverged' or 'interrupted', and model is the raw
-    trained model."""
-    cfg = check_config(cfg)
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds: its settings, data, model and optimizer, and the state of its loop."""
+    cfg: dict
+    rank: int
+    world: int
+    dev: torch.device
+    dtype: torch.dtype
+    say: Callable
+    train_tokens: object  # np.memmap, or a tensor on the GPU
+    val_tokens: object
+    val_starts: np.ndarray  # the fixed validation windows
+    token_bytes: torch.Tensor | None  # bytes per token id, for bits per byte
+    model: TransformerLM
+    optimizer: AdamW
+    loss_fn: Callable
+    scaler: LossScaler
+    source: dict | None  # the weights init_from started from
+    ckpt: dict | None  # the checkpoint a resume continues
+    step: int = 0
+    first_step: int = 0  # where this process started: 0, or the checkpoint's step
+    loop: Loop = dataclasses.field(default_factory=Loop)
+    status: str = "done"  # 'done' | 'target' | 'diverged' | 'interrupted'
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    saved_step: int | None = None  # the step ckpt.pt holds
+    pending: list = dataclasses.field(default_factory=list)  # (step, lr, stats on the device) not yet read back
+    window: tuple = (0.0, 0)  # (training seconds, step) at the last console line
+    clock: float = 0.0  # when the training clock last started
+
+    @property
+    def autocast(self):
+        return torch.autocast(self.dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg["batch_size"] * self.cfg["grad_accum_steps"] * self.cfg["context_length"] * self.world
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.cfg["out_dir"], name)
+
+
+def start(cfg: dict) -> Run:
+    """Check every input (config, starting point, tokenizer, data, the first step) before anything in out_dir is
+    written, build the run, then write config.json, run.json and log.csv's header."""
     rank, local_rank, world, prep_group = setup_distributed(cfg["device"])
-    master = rank == 0
-    say = print if master else (lambda *args, **kwargs: None)
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
     dev = pick_device(cfg["device"], local_rank)
     dtype, dtype_why = pick_dtype(cfg["dtype"], dev)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores, as the MFU peak assumes
-
-    # Every input is checked before anything in out_dir is written: the starting point, the data, the first step.
-    ckpt_path, log_path = (os.path.join(cfg["out_dir"], name) for name in ("ckpt.pt", "log.csv"))
     source, source_name = read_source(cfg)
     flags = model_config(**model_flags(cfg, source and source["model_config"], source_name))
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     ckpt = read_checkpoint(ckpt_path) if cfg["resume"] else None
     if ckpt is not None:
         check_resume(ckpt, cfg, flags, ckpt_path)
     cfg.update(flags)
-    if source and source["tokenizer"] and cfg["special_tokens"] == DEFAULTS["special_tokens"]:
-        cfg["special_tokens"] = tuple(source["tokenizer"].special_ids)  # an imported model's own
+    imported = source and source["tokenizer"]  # its vocabulary may be smaller than the model's (padded) embedding
+    if imported and cfg["special_tokens"] == DEFAULTS["special_tokens"]:
+        cfg["special_tokens"] = tuple(imported.special_ids)  # an imported model's own
     new_tokenizer = check_tokenizer_source(cfg, source, source_name)
-    if new_tokenizer is not None and master:
+    if new_tokenizer is not None and rank == 0:
         os.makedirs(cfg["tokenizer_dir"], exist_ok=True)
         new_tokenizer.save(*(os.path.join(cfg["tokenizer_dir"], f) for f in ("vocab.json", "merges.txt")))
-    imported = source and source["tokenizer"]  # its vocabulary may be smaller than the model's (padded) embedding
     bins = prepare_data(cfg, rank, world, prep_group, imported.vocab_size if imported else cfg["vocab_size"])
-    train_tokens, val_tokens = (data.load_tokens(path, cfg["vocab_size"]) for path in bins)
-    val_starts = check_lengths(cfg, bins, [train_tokens, val_tokens])
+    tokens = [data.load_tokens(path, cfg["vocab_size"]) for path in bins]
+    val_starts = check_lengths(cfg, bins, tokens)
     if cfg["eval_tokens"] > len(val_starts) * cfg["context_length"]:
         say(f"eval_tokens={cfg['eval_tokens']:,} is more than {bins[1]} holds: validating on all of it "
             f"({len(val_starts):,} windows, {len(val_starts) * cfg['context_length']:,} tokens)")
-    token_bytes = token_byte_lengths(cfg, dev)
-    train_tokens, val_tokens = (data.tokens_to_device(t, dev) for t in (train_tokens, val_tokens))  # to a GPU if it fits
-
     model, optimizer = build(cfg, flags, dev)
-    loss_fn = fast_path(model, cfg, dev, dtype, say)
-    scaler = LossScaler(dtype == torch.float16)
-    step, loop = 0, Loop()
-    if ckpt is not None:
-        step, loop = load_checkpoint(ckpt, model, optimizer), Loop(**ckpt["loop"])
-        if scaler.enabled and "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if dev.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
-        changed = [f"{k}={v!r}" for k, v in cfg.items() if k != "resume" and ckpt["config"].get(k) != v]
-        say(f"resuming {ckpt_path} at step {step}" + (f" with {', '.join(changed)}" if changed else ""))
-        say(schedule_note(step, cfg, ckpt["config"]))
-    elif source is not None:
-        load_checkpoint({"model": source["state_dict"]}, model, None)
-        say(f"starting from the weights of {source_name} (step {source['iteration']}): fresh optimizer and schedule")
-    if ckpt is None and os.path.exists(ckpt_path):
-        say(f"note: a new run replaces {ckpt_path} and its log.csv (--resume=True would continue it)")
-    for p in model.parameters() if world > 1 and ckpt is None else []:  # every rank starts from rank 0's weights
-        dist.broadcast(p.data, src=0)
-    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
-    x, y = step_batch(train_tokens, cfg, rank, step, dev)
-    loss_fn, seconds = first_step(model, loss_fn, x, y, cfg, dtype, say)
-    if loss_fn != model.loss:
+    run = Run(cfg, rank, world, dev, dtype, say, *(data.tokens_to_device(t, dev) for t in tokens), val_starts,
+              token_byte_lengths(cfg, dev), model, optimizer, fast_path(model, cfg, dev, dtype, say),
+              LossScaler(dtype == torch.float16), source, ckpt)
+    restore(run, source_name)
+    x, y = step_batch(run.train_tokens, cfg, rank, run.step, dev)
+    run.loss_fn, seconds = first_step(model, run.loss_fn, x, y, cfg, dtype, say)
+    if run.loss_fn != model.loss:
         say(f"compile: the first forward and backward took {seconds:.1f} s (torch.compile)")
+    write_header(run, dtype_why, source_name)
+    run.first_step, run.window, run.clock = run.step, (run.loop.elapsed, run.step), time.perf_counter()
+    return run
 
-    # Header: what is needed to trace a curve back to its settings, printed and saved beside the CSV.
-    tokens_per_step = cfg["batch_size"] * cfg["grad_accum_steps"] * cfg["context_length"] * world
-    flops_per_step = 3 * model.flops_per_token() * tokens_per_step  # the backward pass costs twice the forward
-    peak = peak_flops(dev, dtype) * world
-    run = {"git": git_commit(), "torch": torch.__version__, "world_size": world, "dtype": str(dtype)[6:],
-           "dtype_why": dtype_why, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-           else f"{dev.type} ({torch.get_num_threads()} threads)", "params": model.num_params(),
-           "flops_per_token": model.flops_per_token(), "tokens_per_step": tokens_per_step,
-           "compiled": loss_fn != model.loss, "eval_windows": len(val_starts),
-           "ops": "kernels.py fused ops" if any(getattr(m, "fast", False) for m in model.modules())
-           else "model.py reference ops",
-           "init_from": source_name and {"path": source_name, "iteration": source["iteration"]}}
-    say(textwrap.fill("config: " + " ".join(f"{k}={v!r}" for k, v in cfg.items()), 120, subsequent_indent="  "))
-    say(f"git {run['git']} | torch {run['torch']} | {run['device']} x {world} | {run['dtype']} ({dtype_why}) | "
-        f"{run['params']:,} parameters | {run['flops_per_token'] / 1e6:.2f} MFLOPs/token forward | "
-        f"{tokens_per_step:,} tokens/step | {'compiled' if run['compiled'] else 'eager'}, {run['ops']} | "
-        f"validation {len(val_starts):,} x {cfg['context_length']} tokens")
-    if master:
+
+def restore(run: Run, source_name: str) -> None:
+    """Resume: model, AdamW, loss scale, RNG and loop state from the checkpoint. init_from: the weights alone.
+    Under DDP every rank then starts from rank 0's weights."""
+    cfg, ckpt = run.cfg, run.ckpt
+    if ckpt is not None:
+        run.step, run.loop = load_checkpoint(ckpt, run.model, run.optimizer), Loop(**ckpt["loop"])
+        run.saved_step = run.step
+        if run.scaler.enabled and "scaler" in ckpt:
+            run.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if run.dev.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.dev)
+        changed = [f"{k}={v!r}" for k, v in cfg.items() if k != "resume" and ckpt["config"].get(k) != v]
+        run.say(f"resuming {run.path('ckpt.pt')} at step {run.step}" + (f" with {', '.join(changed)}" if changed else ""))
+        run.say(schedule_note(run.step, cfg, ckpt["config"]))
+        return
+    if run.source is not None:
+        load_checkpoint({"model": run.source["state_dict"]}, run.model, None)
+        run.say(f"starting from the weights of {source_name} (step {run.source['iteration']}): fresh optimizer "
+                "and schedule")
+    if os.path.exists(run.path("ckpt.pt")):
+        run.say(f"note: a new run replaces {run.path('ckpt.pt')} and its log.csv (--resume=True would continue it)")
+    for p in run.model.parameters() if run.world > 1 else []:
+        dist.broadcast(p.data, src=0)
+
+
+def write_header(run: Run, dtype_why: str, source_name: str) -> None:
+    """What is needed to trace a curve back to its settings, printed and saved beside the CSV (run.json)."""
+    cfg, model, dev = run.cfg, run.model, run.dev
+    fused = any(getattr(m, "fast", False) for m in model.modules())
+    info = {"git": git_commit(), "torch": torch.__version__, "world_size": run.world, "dtype": str(run.dtype)[6:],
+            "dtype_why": dtype_why, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else f"{dev.type} ({torch.get_num_threads()} threads)", "params": model.num_params(),
+            "flops_per_token": model.flops_per_token(), "tokens_per_step": run.tokens_per_step,
+            "compiled": run.loss_fn != model.loss, "ops": "kernels.py fused ops" if fused else "model.py reference ops",
+            "eval_windows": len(run.val_starts),
+            "init_from": source_name and {"path": source_name, "iteration": run.source["iteration"]}}
+    run.say(textwrap.fill("config: " + " ".join(f"{k}={v!r}" for k, v in cfg.items()), 120, subsequent_indent="  "))
+    run.say(f"git {info['git']} | torch {info['torch']} | {info['device']} x {run.world} | {info['dtype']} "
+            f"({dtype_why}) | {info['params']:,} parameters | {info['flops_per_token'] / 1e6:.2f} MFLOPs/token "
+            f"forward | {run.tokens_per_step:,} tokens/step | {'compiled' if info['compiled'] else 'eager'}, "
+            f"{info['ops']} | validation {len(run.val_starts):,} x {cfg['context_length']} tokens")
+    if run.rank == 0:
         os.makedirs(cfg["out_dir"], exist_ok=True)
-        for name, obj in (("config.json", cfg), ("run.json", run)):
-            with atomic_write(os.path.join(cfg["out_dir"], name)) as f:  # a crash never leaves half a JSON file
+        for name, obj in (("config.json", cfg), ("run.json", info)):
+            with atomic_write(run.path(name)) as f:  # a crash never leaves half a JSON file
                 json.dump(obj, f, indent=1)
-        start_log(log_path, keep_until=step if ckpt is not None else None)
+        start_log(run.path("log.csv"), keep_until=run.step if run.ckpt is not None else None)
 
-    def save(step: int) -> None:
-        rng = {"torch": torch.get_rng_state()}
-        if dev.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(dev)
-        tokenizer = {"dir": os.path.abspath(cfg["tokenizer_dir"]), "special_tokens": list(cfg["special_tokens"]),
-                     "rel": os.path.relpath(os.path.abspath(cfg["tokenizer_dir"]), os.path.abspath(cfg["out_dir"]))}
-        save_checkpoint(model, optimizer, step, ckpt_path, config=cfg, tokenizer_dir=cfg["tokenizer_dir"],
-                        tokenizer=tokenizer, rng=rng, loop=dataclasses.asdict(loop), scaler=scaler.state_dict())
 
-    start, status, val_loss, val_bpb = step, "done", None, None
-    saved_step = step if ckpt is not None else None  # the step ckpt.pt holds
-    pending, window = [], (loop.elapsed, step)  # steps not yet read back; (training seconds, step) at the last line
-    clock = time.perf_counter()
+def save(run: Run) -> None:
+    """ckpt.pt at run.step (rank 0): weights, AdamW, loss scale, RNG, loop state, config and the tokenizer's place."""
+    if run.rank != 0:
+        return
+    cfg = run.cfg
+    rng = {"torch": torch.get_rng_state()}
+    if run.dev.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.dev)
+    tok = os.path.abspath(cfg["tokenizer_dir"])
+    tokenizer = {"dir": tok, "rel": os.path.relpath(tok, os.path.abspath(cfg["out_dir"])),
+                 "special_tokens": list(cfg["special_tokens"])}
+    save_checkpoint(run.model, run.optimizer, run.step, run.path("ckpt.pt"), config=cfg,
+                    tokenizer_dir=cfg["tokenizer_dir"], tokenizer=tokenizer, rng=rng,
+                    loop=dataclasses.asdict(run.loop), scaler=run.scaler.state_dict())
+    run.saved_step = run.step
+
+
+def log_point(run: Run, do_eval: bool, stop_signals: list) -> bool:
+    """A console line and a CSV row: read back the steps since the last one (divergence is checked there), evaluate
+    if due, save after an evaluation, and honour Ctrl-C. Returns True when the run ends here."""
+    cfg, loop = run.cfg, run.loop
+    problem, folded, stop = read_stats(loop, run.pending, cfg)  # the host sync, once per log line
+    loop.elapsed += time.perf_counter() - run.clock
+    loop.tokens += folded * run.tokens_per_step
+    if problem is not None:
+        diverged(run, run.pending[folded][0], problem)
+        return True
+    run.pending, evaluated = [], None  # evaluated: (val_loss, val_bpb) when the whole evaluation ran
+    if do_eval:
+        *evaluated, interrupted = evaluate(run.model, run.val_tokens, run.val_starts, run.token_bytes, cfg, run.dev,
+                                           run.autocast, run.rank, run.world, stop_signals)
+        stop = stop or interrupted
+        evaluated = None if interrupted else evaluated
+        if evaluated:
+            run.val_loss, run.val_bpb = evaluated
+            if not math.isfinite(run.val_loss):
+                run.status = "diverged"
+            elif cfg["target_val_loss"] is not None and run.val_loss <= cfg["target_val_loss"]:
+                run.status = "target"
+    speed = report_speed(run) if folded else {}
+    if run.rank == 0:
+        write_row(run.path("log.csv"), step=run.step, tokens=loop.tokens, elapsed_s=round(loop.elapsed, 3),
+                  skipped=loop.skipped, status=None if run.status == "done" else run.status,
+                  **(val_columns(*evaluated) if evaluated else {}), **(loop.last | speed if folded else {}))
+    if evaluated:
+        if run.status != "diverged":
+            save(run)
+        run.say(f"step {run.step}: val loss {run.val_loss:.4f} (ppl {math.exp(min(run.val_loss, 700)):.2f}" +
+                (f", {run.val_bpb:.4f} bits/byte)" if run.val_bpb else ")") +
+                (f" | saved {run.path('ckpt.pt')}" if run.status != "diverged" else " | not saved: diverged"))
+    if stop or (stop_signals and run.world == 1):
+        run.status = "interrupted"
+        if run.saved_step != run.step:
+            save(run)
+        run.say(f"stopped at step {run.step}; saved {run.path('ckpt.pt')}; continue with --resume=True")
+    run.clock = time.perf_counter()
+    return run.status != "done"
+
+
+def report_speed(run: Run) -> dict:
+    """The console line for the steps since the last one (and the memory report after the first); their speed."""
+    loop = run.loop
+    dt = (loop.elapsed - run.window[0]) / (run.step - run.window[1])  # seconds per step since the last line
+    peak = peak_flops(run.dev, run.dtype) * run.world
+    flops_per_step = 3 * run.model.flops_per_token() * run.tokens_per_step  # the backward costs twice the forward
+    speed = dict(tokens_per_s=round(run.tokens_per_step / dt, 1), mfu=round(flops_per_step / dt / peak, 4) if peak
+                 else 0.0)
+    run.say(progress_line(run.step, run.cfg, loop, dt, speed))
+    if run.window[1] == run.first_step:
+        run.say(memory_report(run.model, run.cfg["batch_size"], run.dtype, run.dev))
+    run.window = (loop.elapsed, run.step)
+    return speed
+
+
+def diverged(run: Run, bad_step: int, problem: str) -> None:
+    """The step after bad_step is not saved: log it as 'diverged' and stop, keeping ckpt.pt's last good state."""
+    run.status, run.step = "diverged", bad_step
+    if run.rank == 0:
+        write_row(run.path("log.csv"), step=bad_step + 1, tokens=run.loop.tokens, elapsed_s=round(run.loop.elapsed, 3),
+                  status="diverged", **run.loop.last)
+    kept = f"{run.path('ckpt.pt')} keeps step {run.saved_step}" if run.saved_step is not None else "nothing saved"
+    run.say(f"diverged at step {bad_step + 1}: {problem}; stopped, {kept}")
+
+
+def main(cfg: dict) -> dict:
+    """Train as cfg says (missing keys take DEFAULTS). Returns {status, step, train_loss, val_loss, val_bpb, model},
+    where status is 'done', 'target' (target_val_loss reached), 'diverged' or 'interrupted', and model is the raw
+    trained model."""
+    run = start(check_config(cfg))
+    cfg = run.cfg
     with stop_on_signal() as stop_signals:
         while True:
-            last_step = step >= cfg["max_iters"]
-            do_eval = step % cfg["eval_interval"] == 0 or last_step
             # Log, evaluate and save at the top of a step, so the final ones happen inside the loop (last_step).
             # A resumed run did all three for its first step before that checkpoint was written.
-            log_now = do_eval or step % cfg["log_interval"] == 0 or (world == 1 and stop_signals)  # same on all ranks
-            if log_now and (step > start or ckpt is None):
-                problem, folded, stop = read_stats(loop, pending, cfg)  # the host sync, once per log line
-                loop.elapsed += time.perf_counter() - clock
-                loop.tokens += folded * tokens_per_step
-                if problem is not None:
-                    status, bad = "diverged", pending[folded][0] + 1
-                    if master:
-                        write_row(log_path, step=bad, tokens=loop.tokens, elapsed_s=round(loop.elapsed, 3),
-                                  status=status, **loop.last)
-                    kept = f"{ckpt_path} keeps step {saved_step}" if saved_step is not None else "nothing saved"
-                    say(f"diverged at step {bad}: {problem}; stopped, {kept}")
-                    step = bad - 1
-                    break
-                pending = []
-                evaluated = None  # (val_loss, val_bpb) when this step was evaluated to the end
-                if do_eval:
-                    *evaluated, interrupted = evaluate(model, val_tokens, val_starts, token_bytes, cfg, dev, autocast,
-                                                       rank, world, stop_signals)
-                    stop = stop or interrupted
-                    if interrupted:
-                        evaluated = None
-                    else:
-                        val_loss, val_bpb = evaluated
-                    if evaluated and not math.isfinite(val_loss):
-                        status = "diverged"
-                    elif evaluated and cfg["target_val_loss"] is not None and val_loss <= cfg["target_val_loss"]:
-                        status = "target"
-                if folded:
-                    dt = (loop.elapsed - window[0]) / (step - window[1])  # seconds per step since the last line
-                    speed = dict(tokens_per_s=round(tokens_per_step / dt, 1),
-                                 mfu=round(flops_per_step / dt / peak, 4) if peak else 0.0)
-                    say(progress_line(step, cfg, loop, dt, speed))
-                    if window[1] == start:
-                        say(memory_report(model, cfg["batch_size"], dtype, dev))
-                    window = (loop.elapsed, step)
-                if master:
-                    write_row(log_path, step=step, tokens=loop.tokens, elapsed_s=round(loop.elapsed, 3),
-                              skipped=loop.skipped, status=None if status == "done" else status,
-                              **(val_columns(*evaluated) if evaluated else {}), **(loop.last | speed if folded else {}))
-                if evaluated:
-                    if master and status != "diverged":
-                        save(step)
-                        saved_step = step
-                    say(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 700)):.2f}" +
-                        (f", {val_bpb:.4f} bits/byte)" if val_bpb else ")") +
-                        (f" | saved {ckpt_path}" if status != "diverged" else " | not saved: diverged"))
-                if stop or (stop_signals and world == 1):
-                    status = "interrupted"
-                    if master and saved_step != step:
-                        save(step)
-                    say(f"stopped at step {step}; saved {ckpt_path}; continue with --resume=True")
-                    break
-                if status != "done" or last_step:
-                    break
-                clock = time.perf_counter()
-            elif last_step:
+            last_step = run.step >= cfg["max_iters"]
+            do_eval = run.step % cfg["eval_interval"] == 0 or last_step
+            log_now = do_eval or run.step % cfg["log_interval"] == 0 or (run.world == 1 and stop_signals)
+            if log_now and (run.step > run.first_step or run.ckpt is None) and log_point(run, do_eval, stop_signals):
                 break
-
+            if last_step:
+                break
             # One optimizer step on this rank's batch; its statistics stay on the device until the next log line.
-            lr = lr_at(step, cfg)
-            x, y = step_batch(train_tokens, cfg, rank, step, dev)
-            pending.append((step, lr, train_step(model, loss_fn, optimizer, x, y, lr, cfg, autocast, scaler, world,
-                                                 bool(stop_signals))))
-            step += 1
-    if world > 1:
+            lr = lr_at(run.step, cfg)
+            x, y = step_batch(run.train_tokens, cfg, run.rank, run.step, run.dev)
+            stats = train_step(run.model, run.loss_fn, run.optimizer, x, y, lr, cfg, run.autocast, run.scaler,
+                               run.world, bool(stop_signals))
+            run.pending.append((run.step, lr, stats))
+            run.step += 1
+    if run.world > 1:
         dist.destroy_process_group()
-    return {"status": status, "step": step, "train_loss": loop.last.get("train_loss"), "val_loss": val_loss,
-            "val_bpb": val_bpb, "model": model}
+    return {"status": run.status, "step": run.step, "train_loss": run.loop.last.get("train_loss"),
+            "val_loss": run.val_loss, "val_bpb": run.val_bpb, "model": run.model}
 
 
 def val_columns(val_loss: float, val_bpb: float | None) -> dict:
