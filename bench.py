@@ -455,7 +455,8 @@ def main(argv: list[str]) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name} | torch {torch.__version__} | triton kernels {'on' if kernels.available() else 'off'} | "
           f"batch {cfg['batch_size']} x {cfg['grad_accum_steps']} x {cfg['context_length']} | "
-          f"{cfg['train_flops_per_token'] / 1e6:.1f} MFLOPs/token (training) | peak {cfg['peak'] / 1e12:.0f} TFLOP/s bf16")
+          f"{cfg['train_flops_per_token'] / 1e6:.1f} MFLOPs/token (training) | "
+          f"peak {cfg['peak'] / 1e12:.0f} TFLOP/s bf16")
     result = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "config": {k: cfg[k] for k in DEFAULTS}}
     if cfg["gpu_check"]:

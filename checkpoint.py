@@ -4,7 +4,8 @@
     iteration = load_checkpoint("ckpt.pt", model, optimizer)     # optimizer=None loads the weights alone
 
 train.py adds what continues a run bit for bit (config, tokenizer, rng, loop, scaler); sample.py, export.py and
-train.py's init_from find the tokenizer a checkpoint was trained with through checkpoint_tokenizer. torch.load runs with weights_only=True: nothing in a file executes.
+train.py's init_from find the tokenizer a checkpoint was trained with through checkpoint_tokenizer. torch.load runs
+with weights_only=True: nothing in a file executes.
 """
 import contextlib
 import os

@@ -10,6 +10,7 @@ Preparation can be stopped at any point and run again: every file is written as 
 complete, so a finished file is never partial; a tokenizer directory lacking vocab.json or merges.txt is
 trained again, and a .bin older than its text or tokenizer is tokenized again (over any stale .tmp).
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -193,6 +194,14 @@ def prepare_splits(paths: list[str], tokenizer_dir: str, vocab_size: int,
         return list(paths)
     if vocab_size > 65536:  # before hours of training a tokenizer whose ids could not be written
         raise ValueError(f"vocab_size={vocab_size:,} does not fit the uint16 token files; use at most 65,536")
+    _writable_dir(tokenizer_dir, "tokenizer_dir")
+    with open(os.path.join(tokenizer_dir, ".lock"), "w") as lock:  # runs started together prepare one at a time:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the second finds the first one's files instead of racing on its .tmp
+        return _prepare_locked(paths, tokenizer_dir, vocab_size, special_tokens)
+
+
+def _prepare_locked(paths: list[str], tokenizer_dir: str, vocab_size: int,
+                    special_tokens: tuple[str, ...]) -> list[str]:
     missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(tokenizer_dir, f))]
     if missing:
         if paths[0].endswith(".bin"):
@@ -200,7 +209,6 @@ def prepare_splits(paths: list[str], tokenizer_dir: str, vocab_size: int,
                                     f"at the tokenizer that made {paths[0]}, or pass raw text for both")
         half = f" ({missing[0]} is missing: an interrupted run?)" if len(missing) == 1 else ""
         print(f"training a {vocab_size:,}-token BPE tokenizer on {paths[0]} -> {tokenizer_dir}{half}")
-        _writable_dir(tokenizer_dir, "tokenizer_dir")
         bpe.train_tokenizer(paths[0], vocab_size, tokenizer_dir, tuple(special_tokens))
     tokenizer_vocab = bpe.load_tokenizer(tokenizer_dir, tuple(special_tokens)).vocab_size
     if tokenizer_vocab != vocab_size:

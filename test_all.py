@@ -1597,6 +1597,31 @@ def test_failing_run_leaves_the_previous_out_dir_byte_for_byte():
             assert snapshot() == before, bad
 
 
+def test_two_runs_started_together_prepare_the_data_once():
+    """The study starts runs two at a time: both find no tokenizer and no token files; a lock in tokenizer_dir lets
+    one prepare while the other waits, then finds the files (they used to race on the same .tmp)."""
+    with tempfile.TemporaryDirectory() as root:
+        words = [" ".join(random.Random(i).choices(["to", "be", "or", "not", "that", "is"], k=400)) for i in range(30)]
+        text = _bpe_write(os.path.join(root, "text.txt"), _BPE_EOT.join(words))
+        tok = os.path.join(root, "tok")
+        pids = []
+        for _ in range(2):
+            pid = os.fork()
+            if pid == 0:  # the child prepares and reports through its exit code
+                try:
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        data.prepare_splits([text, text], tok, 270)
+                    os._exit(0)
+                except BaseException:
+                    os._exit(1)
+            pids.append(pid)
+        assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids] == [0, 0]
+        bins = [n for n in os.listdir(tok) if n.endswith(".bin")]
+        assert len(bins) == 1 and not [n for n in os.listdir(tok) if n.endswith(".tmp")]
+        ids = bpe.load_tokenizer(tok).encode(open(text).read())
+        assert np.fromfile(os.path.join(tok, bins[0]), dtype="<u2").tolist() == ids
+
+
 def test_ctrl_c_during_evaluation_stops_within_seconds():
     with tempfile.TemporaryDirectory() as root:
         cfg = _pipeline_cfg(root, val_data=_pipeline_tokens(os.path.join(root, "big.bin"), n=400_000), eval_tokens=0,

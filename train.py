@@ -702,7 +702,8 @@ def restore(run: Run, source_name: str) -> None:
         if run.dev.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.dev)
         changed = [f"{k}={v!r}" for k, v in cfg.items() if k != "resume" and ckpt["config"].get(k) != v]
-        run.say(f"resuming {run.path('ckpt.pt')} at step {run.step}" + (f" with {', '.join(changed)}" if changed else ""))
+        run.say(f"resuming {run.path('ckpt.pt')} at step {run.step}" +
+                (f" with {', '.join(changed)}" if changed else ""))
         run.say(schedule_note(run.step, cfg, ckpt["config"]))
         return
     if run.source is not None:
@@ -863,7 +864,8 @@ def progress_line(step: int, cfg: dict, loop: Loop, dt: float, speed: dict) -> s
     skipped = f" | skipped {loop.skipped}" if loop.skipped else ""
     return (f"step {step}/{cfg['max_iters']} ({step / max(cfg['max_iters'], 1):.1%}) | loss {last['train_loss']:.4f} | "
             f"lr {last['lr']:.2e} | dt {1000 * dt:.1f} ms | {last['tokens_per_s']:,.0f} tok/s | "
-            f"MFU {last['mfu']:.1%} | elapsed {hms(loop.elapsed)} | eta {hms(dt * max(cfg['max_iters'] - step, 0))}{skipped}")
+            f"MFU {last['mfu']:.1%} | elapsed {hms(loop.elapsed)} | "
+            f"eta {hms(dt * max(cfg['max_iters'] - step, 0))}{skipped}")
 
 
 def schedule_note(step: int, cfg: dict, old: dict) -> str:
