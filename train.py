@@ -548,7 +548,7 @@ def out_of_memory_message(model: TransformerLM, cfg: dict, dev: torch.device, dt
     est = model.memory_estimate(cfg["batch_size"], dtype != torch.float32)["total"] / 2**30
     have = f"; the GPU has {torch.cuda.get_device_properties(dev).total_memory / 2**30:.1f} GiB" if dev.type == "cuda" \
         else ""
-    return (f"out of memory at the first step with batch_size={cfg['batch_size']} (model.py estimates {est:.1f} GiB"
+    return (f"the first step with batch_size={cfg['batch_size']} needs more (model.py estimates {est:.1f} GiB"
             f"{have}): lower batch_size and raise grad_accum_steps to keep the tokens per step")
 
 
