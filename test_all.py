@@ -1670,6 +1670,27 @@ def test_tokens_go_to_the_device_in_chunks_without_a_whole_int32_copy():
     assert copies == [300, 300, 300, 100]  # the host holds one chunk's int32 copy at a time
 
 
+def test_kernels_auto_on_cuda_switches_on_only_the_ops_that_pass_the_preflight():
+    """train.fast_path as it runs on a CUDA device ('auto' for both): the preflight's one line names the op that
+    failed and why, the other ops are switched on, and the loss is compiled (lazily: nothing runs here)."""
+    cfg = {**train.DEFAULTS, **_PIPELINE_TINY}
+    model_ = TransformerLM(**{k: cfg[k] for k in model.MODEL_KEYS})
+    attention = kernels.attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory (injected)")
+    kernels.attention, lines = broken, []
+    try:
+        loss_fn = train.fast_path(model_, dict(cfg, kernels="auto", compile="auto"), torch.device("cuda"),
+                                  torch.float32, lines.append)
+    finally:
+        kernels.attention = attention
+    assert lines == ["kernels: on rmsnorm, swiglu, cross_entropy | off: attention (RuntimeError: out of resource: "
+                     "shared memory (injected))"], lines
+    fast = {type(m).__name__ for m in model_.modules() if getattr(m, "fast", False)}
+    assert fast == {"RMSNorm", "SwiGLU", "TransformerLM"} and loss_fn != model_.loss
+
+
 def test_ctrl_c_during_evaluation_stops_within_seconds():
     with tempfile.TemporaryDirectory() as root:
         cfg = _pipeline_cfg(root, val_data=_pipeline_tokens(os.path.join(root, "big.bin"), n=400_000), eval_tokens=0,
