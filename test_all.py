@@ -1521,6 +1521,21 @@ def test_init_from_loads_weights_and_nothing_else():
             f.write(b"not a checkpoint")
         assert "junk.pt" in _error_of(lambda: train.main(dict(cfg, init_from=os.path.join(root, "junk.pt"))))
         assert not os.path.exists(os.path.join(root, "bad"))  # refused before anything was written
+        with tempfile.TemporaryDirectory() as text_root:  # raw text needs the weights' own tokenizer
+            rng = np.random.default_rng(1)
+            words = [" ".join(rng.choice(["to", "be", "or", "not", "that", "is", "the", "question"], 60))
+                     for _ in range(40)]
+            text = _bpe_write(os.path.join(text_root, "t.txt"), _BPE_EOT.join(words))
+            raw = _pipeline_cfg(text_root, train_data=text, val_data=text, vocab_size=270, max_iters=1, warmup_iters=1,
+                                out_dir=os.path.join(text_root, "a"))
+            _quiet_main(raw)
+            other = os.path.join(text_root, "other")
+            with contextlib.redirect_stdout(io.StringIO()):
+                bpe.train_tokenizer(_bpe_write(os.path.join(text_root, "u.txt"), "".join(reversed(open(text).read()))),
+                                    270, other)
+            tuned = dict(raw, init_from=os.path.join(text_root, "a", "ckpt.pt"), out_dir=os.path.join(text_root, "b"))
+            assert "another tokenizer" in _error_of(lambda: train.main(dict(tuned, tokenizer_dir=other)))
+            assert _quiet_main(tuned)[0]["status"] == "done"
 
 
 def test_float16_overflow_skips_the_step_and_resume_stays_exact():

@@ -209,6 +209,9 @@ def check_tokenizer_source(cfg: dict, source: dict | None, name: str) -> bpe.Tok
         if not have:
             raise ValueError(f"init_from={name}: tokenizer_dir={cfg['tokenizer_dir']!r} holds no tokenizer; set it "
                              f"to the one these weights were trained with ({source['tokenizer_dir']})")
+        if os.path.isdir(source["tokenizer_dir"]) and not same_files(source["tokenizer_dir"], cfg["tokenizer_dir"]):
+            raise ValueError(f"init_from={name}: tokenizer_dir={cfg['tokenizer_dir']!r} holds another tokenizer than "
+                             f"the one these weights were trained with ({source['tokenizer_dir']}); use that one")
         return None
     if imported is None or type(imported) is not bpe.Tokenizer:  # bpe.encode_file tokenizes with a plain Tokenizer
         why = "has no tokenizer.json" if imported is None else "has a tokenizer that splits digits off first"
@@ -221,6 +224,14 @@ def check_tokenizer_source(cfg: dict, source: dict | None, name: str) -> bpe.Tok
         raise ValueError(f"init_from={name}: tokenizer_dir={cfg['tokenizer_dir']!r} holds another tokenizer; "
                          "point it at a new directory (the imported tokenizer is written there)")
     return None
+
+
+def same_files(dir_a: str, dir_b: str, names: tuple[str, ...] = ("vocab.json", "merges.txt")) -> bool:
+    """Whether two tokenizer directories hold byte-identical vocab.json and merges.txt."""
+    def read(directory: str, name: str) -> bytes:
+        with open(os.path.join(directory, name), "rb") as f:
+            return f.read()
+    return all(read(dir_a, n) == read(dir_b, n) for n in names)
 
 
 # --- System: device, precision, data parallelism, logging ------------------------------------------------------------
