@@ -22,7 +22,9 @@ _INT_LIMIT = 2**63 - 1  # torch's int64: a larger int overflows deep inside torc
 _NON_FINITE = ("nan", "inf", "infinity")  # what float() reads but ast.literal_eval does not
 # Names users bring from nanoGPT and Hugging Face, and the key meant; None: no such setting here.
 _ALIASES = {"learning_rate": "lr", "iters": "max_iters", "batch": "batch_size", "n_layer": "num_layers",
-            "n_head": "num_heads", "n_embd": "d_model", "block_size": "context_length", "dropout": None}
+            "n_head": "num_heads", "n_embd": "d_model", "block_size": "context_length", "dropout": None,
+            "gradient_accumulation_steps": "grad_accum_steps", "lr_decay_iters": "cosine_iters",
+            "eval_iters": "eval_tokens"}  # nanoGPT's names, and eval_iters of train.py before eval_tokens
 
 def configure(defaults: dict, argv: list[str]) -> dict:
     """Apply config files (positional) and --key=value overrides, in order, to a copy of defaults; check every key.

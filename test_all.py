@@ -3544,7 +3544,8 @@ def test_careless_key_suggestions_only_when_near():
 
     near = {"learning_rate": "'lr'", "iters": "'max_iters'", "batch": "'batch_size'", "n_layer": "'num_layers'",
             "n_head": "'num_heads'", "n_embd": "'d_model'", "block_size": "'context_length'", "lr_min": "'min_lr'",
-            "max-iters": "'max_iters'", "lrr": "'lr'", "warmup": "'warmup_iters'", "batchsize": "'batch_size'"}
+            "max-iters": "'max_iters'", "lrr": "'lr'", "warmup": "'warmup_iters'", "batchsize": "'batch_size'",
+            "eval_iters": "'eval_tokens'", "gradient_accumulation_steps": "'grad_accum_steps'"}
     for key, suggestion in near.items():
         assert f"did you mean {suggestion}?" in hint(key), hint(key)
     assert "this model has no dropout" in hint("dropout") and "did you mean" not in hint("dropout")
