@@ -438,15 +438,30 @@ def gpu_check(cfg: dict, device: torch.device) -> dict:
     return {"environment": env, "checks": results, "training": runs, "ok": all(results.values())}
 
 
+def check_bench_config(cfg: dict) -> list[str]:
+    """The paths to time, after one-line refusals of counts that cannot work and of files that are not there."""
+    paths = [p for p in cfg["paths"].split(",") if p]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise ValueError(f"paths: unknown {', '.join(unknown)}; use a comma-separated list of {', '.join(PATHS)}")
+    for key, least in (("steps", 1), ("burn_in", 0), ("generate_tokens", 0)):
+        if cfg[key] < least:
+            raise ValueError(f"{key}={cfg[key]} is not allowed; use at least {least}")
+    files = [("tok_train", spec.rpartition(":")[0]) for spec in filter(None, cfg["tok_train"].split(","))]
+    files += [("tok_encode_text", cfg["tok_encode_text"])] if cfg["tok_train"] or cfg["tok_encode_dir"] else []
+    for key, path in files:
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}: {path} not found (paths are relative to where you run bench.py); "
+                                    f"pass an existing file, or --{key}= to skip it")
+    return paths
+
+
 def main(argv: list[str]) -> dict:
     argv = ["--tiny=True" if arg == "--tiny" else "--gpu_check=True" if arg == "--gpu_check" else arg for arg in argv]
     cfg = configure(DEFAULTS, argv)
     if cfg["tiny"]:
         cfg.update({k: v for k, v in TINY.items() if f"--{k}=" not in " ".join(argv)})
-    paths = [p for p in cfg["paths"].split(",") if p]
-    unknown = [p for p in paths if p not in PATHS]
-    if unknown:
-        raise ValueError(f"paths: unknown {', '.join(unknown)}; use a comma-separated list of {', '.join(PATHS)}")
+    paths = check_bench_config(cfg)
     device = train.pick_device(cfg["device"], 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)

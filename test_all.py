@@ -2954,6 +2954,9 @@ def test_kernels_bench_tiny_cpu():
     (trained,), encoded = result["tokenizer"]["training"], result["tokenizer"]["encoding"]
     assert trained["vocab_size"] == 300 and trained["count_mb_s"] > 0 and trained["merge_s"] >= 0
     assert 1.0 < encoded["bytes_per_token"] < 4.0 and encoded["encode_file_mb_s"] > 0  # 44 merges: short tokens
+    for bad, named in ((["--steps=0"], "steps"), (["--generate_tokens=-1"], "generate_tokens"),
+                       (["--tok_train=nowhere.txt:300"], "tok_train"), (["--paths=fast"], "paths")):
+        assert named in _error_of(lambda: bench.main(["--device=cpu", "--tiny", *bad])), bad
 
 
 def test_bench_times_the_step_train_py_runs():
