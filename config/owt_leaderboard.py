@@ -5,7 +5,7 @@
 # Budget: 90 min = ~5 min compile/start-up + ~4 min of evaluations and checkpoints + 80 min of training steps. The
 # step count below assumes 410k tokens/s, i.e. 30% MFU (3 x 238 MFLOPs/token forward, H100 bf16 peak 989 TFLOP/s).
 # That is an estimate, not a measurement: read tok/s from the first log lines and set
-#   max_iters = 4800 s x (measured tokens/s) / 32,768 tokens per step   (and cosine_iters with it)
+#   max_iters = 4800 s x (measured tokens/s) / 32,768 tokens per step   (the cosine decay follows it)
 # so the cosine decay ends when the time does; a schedule cut short by the clock wastes its best part.
 include("owt.py")
 out_dir = "out/owt_leaderboard"
@@ -24,7 +24,8 @@ z_loss = 1e-4  # PaLM's auxiliary loss keeps the softmax normaliser near 0, so b
 
 # Optimizer and schedule: 60,000 steps x 64 x 512 = 1.97B tokens (less than one pass over the OWT sample).
 batch_size = 64  # 32,768 tokens/step; 41 GiB by model.py's estimate (batch 128 would need 81 GiB: over 80 GB,
-                 # unless --kernels=True, whose flash attention keeps no T x T probabilities; not yet timed on a GPU)
+                 # unless the fused kernels are on (kernels='auto' on CUDA): flash attention keeps no T x T probabilities;
+                 # not yet timed on a GPU)
 max_iters = 60000
 lr = 1.5e-3  # between TinyStories' 2e-3 (22M) and GPT-3 small's 6e-4 (125M, larger batch); sweep it on short runs
 min_lr_ratio = 0.05  # decay close to zero (lr / 20): most of the final gain comes in the low-lr tail
