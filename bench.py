@@ -397,8 +397,10 @@ def environment() -> dict:
             "python_h": os.path.isfile(os.path.join(include, "Python.h"))}
 
 
-def resume_check(cfg: dict, device: torch.device, root: str) -> bool:
-    """train.py with compile and kernels on random tokens: 40 steps, then resumed to 60, equals 60 in one go."""
+def resume_check(cfg: dict, device: torch.device, root: str) -> tuple[bool, str]:
+    """train.py with compile and kernels on random tokens: 40 steps, then resumed to 60, against 60 in one go. Two
+    compilations need not pick the same kernels (autotuning; even on a CPU two fresh compiled runs differ in the
+    last bits), so the weights are compared to a tolerance and the largest difference is reported."""
     for split, n in (("train", 1 << 20), ("val", 1 << 16)):
         np.random.default_rng(len(split)).integers(0, cfg["vocab_size"], n).astype("<u2").tofile(f"{root}/{split}.bin")
     run = {**path_config(cfg, "kernels"), "device": str(device), "train_data": f"{root}/train.bin",
@@ -407,9 +409,12 @@ def resume_check(cfg: dict, device: torch.device, root: str) -> bool:
     whole = train.main({**run, "out_dir": f"{root}/whole"})
     train.main({**run, "out_dir": f"{root}/split", "max_iters": 40})
     resumed = train.main({**run, "out_dir": f"{root}/split", "resume": True})
-    same = all(torch.equal(a, b) for a, b in zip(whole["model"].state_dict().values(),
-                                                 resumed["model"].state_dict().values()))
-    return same and whole["status"] == resumed["status"] == "done" and resumed["step"] == 60
+    pairs = list(zip(whole["model"].state_dict().values(), resumed["model"].state_dict().values()))
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+    close = all(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4) for a, b in pairs)
+    ok = close and whole["status"] == resumed["status"] == "done" and resumed["step"] == 60
+    return ok, (f"val loss {whole['val_loss']:.5f} in one go, {resumed['val_loss']:.5f} resumed; largest weight "
+                f"difference {diff:.1e}")
 
 
 def gpu_check(cfg: dict, device: torch.device) -> dict:
@@ -431,10 +436,11 @@ def gpu_check(cfg: dict, device: torch.device) -> dict:
     for run in runs:
         check(f"path {run['path']}", "error" not in run, run.get("error", f"{run.get('ms_per_step')} ms/step"))
     with tempfile.TemporaryDirectory() as root:
+        name = "train.py 40 steps, resumed to 60, against 60 in one go"
         try:
-            check("train.py 40 steps, resumed to 60, equals 60 in one go", resume_check(cfg, device, root))
+            check(name, *resume_check(cfg, device, root))
         except Exception as e:
-            check("train.py 40 steps, resumed to 60, equals 60 in one go", False, f"{type(e).__name__}: {e}"[:300])
+            check(name, False, f"{type(e).__name__}: {e}"[:300])
     return {"environment": env, "checks": results, "training": runs, "ok": all(results.values())}
 
 
