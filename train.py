@@ -541,7 +541,7 @@ def first_step(model: TransformerLM, loss_fn: Callable, x: torch.Tensor, y: torc
             ce.backward()
             seconds = time.perf_counter() - t0
             break
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch: the same class
             raise MemoryError(out_of_memory_message(model, cfg, x.device, dtype)) from None
         except Exception as e:
             if i == len(attempts) - 1:
