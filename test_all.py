@@ -38,6 +38,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels, when installed
 import numpy as np
 import regex
 import torch
+import torch._dynamo  # what torch.optim.Optimizer imports on first use (1.5 s): once here, not in every forked run
 
 import bench
 import checkpoint
