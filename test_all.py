@@ -1321,22 +1321,29 @@ def test_repository_configs_resolve():
     assert configs["owt"]["vocab_size"] == 32000 and len({c["out_dir"] for c in configs.values()}) == len(configs)
 
 
-def test_ddp_two_gloo_processes_match_one_process_on_the_concatenated_batch():
+def _two_gloo_ranks(argv_of_rank, **popen) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of a two-process torchrun-style group on a free local port, started from the repository:
+    argv_of_rank(r) is rank r's command line; popen adds Popen arguments (stdout, stderr)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     repo = os.path.dirname(os.path.abspath(train.__file__))
+    return [subprocess.Popen(argv_of_rank(r), cwd=repo, text=True, **popen,
+                             env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+            for r in range(2)]
+
+
+def test_ddp_two_gloo_processes_match_one_process_on_the_concatenated_batch():
     with tempfile.TemporaryDirectory() as root:
         steps = 3
         # eps and no clipping make the update depend on the gradient's scale (Adam alone would hide a sum vs a mean).
         cfg = _pipeline_cfg(root, max_iters=steps, eval_interval=100, warmup_iters=0, grad_clip=0.0, eps=1e-2)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         worker = ("import json, sys, torch, train; cfg = json.loads(sys.argv[1]); "
                   "torch.save(train.main(cfg)['model'].state_dict(), sys.argv[2])")
-        procs = [subprocess.Popen([sys.executable, "-c", worker, json.dumps(cfg), os.path.join(root, f"rank{r}.pt")],
-                                  cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
-                 for r in range(2)]
+        procs = _two_gloo_ranks(lambda r: [sys.executable, "-c", worker, json.dumps(cfg),
+                                           os.path.join(root, f"rank{r}.pt")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         outputs = [p.communicate(timeout=120)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs), outputs
         ranks = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=True) for r in range(2)]
@@ -1467,7 +1474,6 @@ def test_grad_accumulation_equals_the_big_batch_and_resumes_exactly():
 
 
 def test_ddp_accumulation_one_all_reduce_per_step_and_the_same_val_loss_on_two_ranks():
-    repo = os.path.dirname(os.path.abspath(train.__file__))
     worker = ("import json, sys, torch, torch.distributed as d, train; cfg = json.loads(sys.argv[1]); n = [0]\n"
               "reduce = d.all_reduce\n"
               "def counted(*a, **k):\n    n[0] += 1\n    return reduce(*a, **k)\n"
@@ -1478,15 +1484,10 @@ def test_ddp_accumulation_one_all_reduce_per_step_and_the_same_val_loss_on_two_r
         runs = {"acc": dict(base, batch_size=2, grad_accum_steps=2), "big": dict(base, batch_size=4)}
         procs = []
         for name, cfg in runs.items():
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
             cfg["out_dir"] = os.path.join(root, name)
-            procs += [subprocess.Popen([sys.executable, "-c", worker, json.dumps(cfg), os.path.join(root, f"{name}{r}")],
-                                       cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
-                      for r in range(2)]
+            procs += _two_gloo_ranks(lambda r, name=name, cfg=cfg: [sys.executable, "-c", worker, json.dumps(cfg),
+                                                                    os.path.join(root, f"{name}{r}")],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         outputs = [p.communicate(timeout=180)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs), outputs
         got = {name: torch.load(os.path.join(root, f"{name}0"), weights_only=True) for name in runs}
@@ -1654,19 +1655,12 @@ def test_out_of_memory_at_the_first_step_is_one_line_and_writes_nothing():
 
 
 def test_ddp_rank_0_failing_to_prepare_data_stops_every_rank_with_one_line():
-    repo = os.path.dirname(os.path.abspath(train.__file__))
     with tempfile.TemporaryDirectory() as root:
         with open(os.path.join(root, "train.txt"), "w") as f:
             f.write("just a few words")  # too little text for a 300-token tokenizer: rank 0 fails while preparing
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         argv = [sys.executable, "train.py", f"--train_data={root}/train.txt", f"--val_data={root}/train.txt",
                 f"--tokenizer_dir={root}/tok", "--vocab_size=300", f"--out_dir={root}/out", "--device=cpu"]
-        procs = [subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
-                 for r in range(2)]
+        procs = _two_gloo_ranks(lambda r: argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
         assert [p.returncode for p in procs] == [2, 2], (err0, err1)
         assert err0.startswith("error: ") and err0.count("\n") == 1 and "Traceback" not in err0 and err1 == "", (err0, err1)
