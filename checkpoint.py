@@ -89,7 +89,6 @@ def load_checkpoint(src: str | os.PathLike | BinaryIO | dict, model: torch.nn.Mo
     return int(ckpt.get("iteration", 0))
 
 
-
 def checkpoint_tokenizer(ckpt: dict, ckpt_path: str) -> tuple[str, tuple[str, ...]]:
     """(tokenizer directory, special tokens) of a train.py checkpoint, from any working directory.
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 import bpe
+from checkpoint import state_dict_mismatch
 from model import RotaryPositionalEmbedding, TransformerLM, model_config
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -392,10 +393,12 @@ def build_model(cfg: dict, state_dict: dict[str, Tensor], where: str = "the weig
     the weights assigned (keys and shapes checked), the RoPE tables (buffers outside the state dict) made anew."""
     try:
         model = TransformerLM(**cfg, device="meta")
-        model.load_state_dict(state_dict, assign=True)
-    except (RuntimeError, TypeError) as e:
-        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[-1:])  # the line naming the keys
-        raise ValueError(f"{where} do not fit this model.py: {reason[:300]}") from None
+    except TypeError as e:
+        raise ValueError(f"{where} do not fit this model.py: {e}") from None
+    problem = state_dict_mismatch(model.state_dict(), state_dict)  # the same check as load_checkpoint's
+    if problem:
+        raise ValueError(f"{where} do not fit this model.py: {problem}")
+    model.load_state_dict(state_dict, assign=True)
     d_head = cfg["d_model"] // cfg["num_heads"]
     device = model.token_embeddings.weight.device
     rope = RotaryPositionalEmbedding(cfg["rope_theta"], d_head, cfg["context_length"], device)
