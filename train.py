@@ -635,7 +635,7 @@ class Run:
     source: dict | None  # the weights init_from started from
     ckpt: dict | None  # the checkpoint a resume continues
     step: int = 0
-    first_step: int = 0  # where this process started: 0, or the checkpoint's step
+    start_step: int = 0  # where this process started: 0, or the checkpoint's step
     loop: Loop = dataclasses.field(default_factory=Loop)
     status: str = "done"  # 'done' | 'target' | 'diverged' | 'interrupted'
     val_loss: float | None = None
@@ -696,7 +696,7 @@ def start(cfg: dict) -> Run:
     if run.loss_fn != model.loss:
         say(f"compile: the first forward and backward took {seconds:.1f} s (torch.compile)")
     write_header(run, dtype_why, source_name)
-    run.first_step, run.window, run.clock = run.step, (run.loop.elapsed, run.step), time.perf_counter()
+    run.start_step, run.window, run.clock = run.step, (run.loop.elapsed, run.step), time.perf_counter()
     return run
 
 
@@ -819,7 +819,7 @@ def report_speed(run: Run) -> dict:
     speed = dict(tokens_per_s=round(run.tokens_per_step / dt, 1), mfu=round(flops_per_step / dt / peak, 4) if peak
                  else 0.0)
     run.say(progress_line(run.step, run.cfg, loop, dt, speed))
-    if run.window[1] == run.first_step:
+    if run.window[1] == run.start_step:
         run.say(memory_report(run.model, run.cfg["batch_size"], run.dtype, run.dev))
     run.window = (loop.elapsed, run.step)
     return speed
@@ -848,7 +848,7 @@ def main(cfg: dict) -> dict:
             last_step = run.step >= cfg["max_iters"]
             do_eval = run.step % cfg["eval_interval"] == 0 or last_step
             log_now = do_eval or run.step % cfg["log_interval"] == 0 or (run.world == 1 and stop_signals)
-            if log_now and (run.step > run.first_step or run.ckpt is None) and log_point(run, do_eval, stop_signals):
+            if log_now and (run.step > run.start_step or run.ckpt is None) and log_point(run, do_eval, stop_signals):
                 break
             if last_step:
                 break
