@@ -839,7 +839,18 @@ def main(cfg: dict) -> dict:
     """Train as cfg says (missing keys take DEFAULTS). Returns {status, step, train_loss, val_loss, val_bpb, model},
     where status is 'done', 'target' (target_val_loss reached), 'diverged' or 'interrupted', and model is the raw
     trained model."""
-    run = start(check_config(cfg))
+    try:
+        run = start(check_config(cfg))
+        train_loop(run)
+    finally:  # on an error too: a process group left to the interpreter's exit can abort the process
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return {"status": run.status, "step": run.step, "train_loss": run.loop.last.get("train_loss"),
+            "val_loss": run.val_loss, "val_bpb": run.val_bpb, "model": run.model}
+
+
+def train_loop(run: Run) -> None:
+    """Step until max_iters, the target, divergence or a signal; run.status says which."""
     cfg = run.cfg
     with stop_on_signal() as stop_signals:
         while True:
@@ -859,10 +870,6 @@ def main(cfg: dict) -> dict:
                                run.world, bool(stop_signals))
             run.pending.append((run.step, lr, stats))
             run.step += 1
-    if run.world > 1:
-        dist.destroy_process_group()
-    return {"status": run.status, "step": run.step, "train_loss": run.loop.last.get("train_loss"),
-            "val_loss": run.val_loss, "val_bpb": run.val_bpb, "model": run.model}
 
 
 def val_columns(val_loss: float, val_bpb: float | None) -> dict:
