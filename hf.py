@@ -214,7 +214,7 @@ def save_pretrained(model: TransformerLM, tokenizer: bpe.Tokenizer | None, path:
     weights = {k: v.to(getattr(torch, dtype)) for k, v in _convert(model.state_dict(), cfg, to_hf=True).items()}
     eot = tokenizer.special_ids.get(bpe.EOT) if tokenizer else None
     files = {"config.json": hf_config(cfg, tokenizer, dtype),
-             "generation_config.json": {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg["context_length"]}}
+             "generation_config.json": {"bos_token_id": eot, "eos_token_id": eot}}
     if tokenizer is not None:
         files |= _tokenizer_files(tokenizer, cfg["context_length"])
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -267,8 +267,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> dict:
     try:
         d, heads = hf["hidden_size"], hf["num_attention_heads"]
         if (hf.get("head_dim") or d // heads) * heads != d:
-            raise ValueError(f"{where}: head_dim={hf['head_dim']} is not hidden_size/num_attention_heads={d // heads}; "
-                             "TransformerLM needs them equal")
+            raise ValueError(f"{where}: head_dim={hf.get('head_dim')} and hidden_size={d} with num_attention_heads="
+                             f"{heads}; TransformerLM needs head_dim = hidden_size/num_attention_heads, a whole number")
         return model_config(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], d_model=d,
                             num_layers=hf["num_hidden_layers"], num_heads=heads, d_ff=hf["intermediate_size"],
                             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),

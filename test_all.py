@@ -1512,6 +1512,9 @@ def test_init_from_loads_weights_and_nothing_else():
         assert ckpt["iteration"] == 0 and ckpt["optimizer"]["state"] == {} and ckpt["loop"]["first_loss"] is None
         with open(os.path.join(root, "tuned", "run.json")) as f:
             assert json.load(f)["init_from"] == {"path": source, "iteration": 4}
+        defaults = {k: train.DEFAULTS[k] for k in train.MODEL_KEYS}  # flags left at train.py's: the weights', said
+        _, out = _quiet_main(dict(cfg, **defaults, out_dir=os.path.join(root, "defaults")))
+        assert f"from the weights vocab_size={first['model'].config['vocab_size']}, context_length=16, d_model=16" in out
         shorter, _ = _quiet_main(dict(cfg, context_length=8, out_dir=os.path.join(root, "short"), eval_tokens=0))
         assert shorter["model"].config["context_length"] == 8 and torch.equal(
             shorter["model"].lm_head.weight, first["model"].lm_head.weight)
@@ -3416,6 +3419,7 @@ def test_hf_bad_inputs_one_line_errors():
                               ({"rope_parameters": {"rope_type": "yarn"}}, "rope_type"),
                               ({"use_sliding_window": True}, "use_sliding_window"),
                               ({"hidden_act": "gelu"}, "hidden_act"), ({"head_dim": 16}, "head_dim=16"),
+                              ({"hidden_size": 50}, "head_dim=None and hidden_size=50 with num_attention_heads=4"),
                               ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHead")):
             assert named in _hf_error(hf.config_from_hf, {**llama, **change}), change
         no_width = {k: v for k, v in llama.items() if k != "hidden_size"}

@@ -127,8 +127,6 @@ def check_config(cfg: dict) -> dict:
                "betas": (len(cfg["betas"]) == 2 and all(0 <= b < 1 for b in cfg["betas"]), "two numbers in [0, 1)"),
                "diverge_factor": (cfg["diverge_factor"] == 0 or cfg["diverge_factor"] > 1, "0 (off) or > 1"),
                "target_val_loss": (cfg["target_val_loss"] is None or number("target_val_loss"), "a number, or None"),
-               "eval_tokens": (cfg["eval_tokens"] == 0 or cfg["eval_tokens"] >= cfg["context_length"],
-                               f"0 (the whole file) or at least one window (context_length={cfg['context_length']})"),
                "compile": (cfg["compile"] in ("auto", True, False), "'auto', True or False"),
                "kernels": (cfg["kernels"] in ("auto", True, False), "'auto', True or False"),
                "vocab_size": (cfg["vocab_size"] <= 65536, "at most 65,536 (token files hold uint16 ids)"),
@@ -672,7 +670,13 @@ def start(cfg: dict) -> Run:
     ckpt = read_checkpoint(ckpt_path) if cfg["resume"] else None
     if ckpt is not None:
         check_resume(ckpt, cfg, flags, ckpt_path)
+    taken = [f"{k}={v!r}" for k, v in flags.items() if source and v != cfg[k]]
+    if taken:  # this run left them at train.py's defaults
+        say(f"init_from={source_name}: from the weights {', '.join(taken)}")
     cfg.update(flags)
+    if 0 < cfg["eval_tokens"] < cfg["context_length"]:  # checked here, where context_length is the model's
+        raise ValueError(f"eval_tokens={cfg['eval_tokens']} is not allowed; use 0 (the whole file) or at least one "
+                         f"window (context_length={cfg['context_length']})")
     imported = source and source["tokenizer"]  # its vocabulary may be smaller than the model's (padded) embedding
     if imported and cfg["special_tokens"] == DEFAULTS["special_tokens"]:
         cfg["special_tokens"] = tuple(imported.special_ids)  # an imported model's own
