@@ -5,6 +5,7 @@
     python plot.py 'out/lr_*' --table=md                 # the table as Markdown, for the README
     python plot.py 'out/lr_*' --ylim 1.4 3.0             # fix the loss axis (default: auto, see auto_ylim)
     python plot.py 'out/bs_*' --label=batch_size,lr       # label by these keys only (default: every key that differs)
+    python plot.py 'out/*' --metric=bpb                  # validation bits per byte: compares across tokenizers
 
 Each run directory holds train.py's log.csv and config.json. A run is labelled by the config values that
 differ between the runs (e.g. `lr=0.003 norm=none`), or by its directory name. The table goes to stdout,
@@ -25,9 +26,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 NUMBERS = ("tokens", "elapsed_s", "train_loss", "val_loss", "tokens_per_s")  # log.csv columns we plot or tabulate
+OPTIONAL = ("val_bpb",)  # columns of newer logs; None in a log written before them
+METRICS = {"loss": "val_loss", "bpb": "val_bpb"}  # --metric: the validation column compared
 UNLABELLED = {"out_dir", "resume"}  # config keys that differ between runs without describing them
 FORMATS = ("png", "svg", "svgz", "pdf", "eps", "ps", "pgf")  # what matplotlib writes without extra packages
-HEADER = ("run", "best val", "final val", "tokens", "wall time", "tokens/s", "diverged")
+HEADER = ("run", "best val", "final val", "tokens", "wall time", "tokens/s", "diverged")  # "val": loss or bpb
 
 
 @dataclass
@@ -62,6 +65,7 @@ def parse_row(row: dict, line: int) -> dict:
         raise ValueError(f"log.csv line {line}: wrong number of fields")
     try:  # tokens and elapsed_s are always logged; the others may be empty (e.g. val_loss between evals)
         parsed = {k: float(row[k]) if row[k].strip() or k in ("tokens", "elapsed_s") else None for k in NUMBERS}
+        parsed |= {k: float(row[k]) if row.get(k, "").strip() else None for k in OPTIONAL}
     except ValueError as e:
         raise ValueError(f"log.csv line {line}: {e}") from None
     return parsed | {"status": row["status"].strip()}
@@ -114,6 +118,8 @@ def read_run(path: str) -> Run:
 
 
 def _value(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"  # a derived min_lr: 0.00030000000000000003 -> '0.0003'
     return v if isinstance(v, str) else str(v).replace(" ", "")  # (0.9, 0.95) -> '(0.9,0.95)'
 
 
@@ -132,9 +138,10 @@ def label_runs(runs: list[Run], only: list[str] | None = None) -> None:
             run.label += f" ({os.path.basename(os.path.normpath(run.path))})"
 
 
-def _losses(rows: list[dict]) -> list[float]:
-    """Train and val losses in logged order, skipping the empty cells."""
-    return [row[k] for row in rows for k in ("train_loss", "val_loss") if row[k] is not None]
+def _losses(rows: list[dict], column: str = "val_loss") -> list[float]:
+    """Train and val losses (column='val_loss') or val_bpb alone, in logged order, skipping the empty cells."""
+    columns = ("train_loss", "val_loss") if column == "val_loss" else (column,)
+    return [row[k] for row in rows for k in columns if row[k] is not None]
 
 
 def diverged(run: Run) -> bool:
@@ -155,9 +162,10 @@ def _duration(seconds: float) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s"
 
 
-def table_row(run: Run) -> list[str]:
-    """The run's table cells; tokens/s is the median logged rate (robust to slow warm-up and compile steps)."""
-    vals = [row["val_loss"] for row in run.rows if row["val_loss"] is not None]
+def table_row(run: Run, column: str = "val_loss") -> list[str]:
+    """The run's table cells, best and final of `column`; tokens/s is the median logged rate (robust to slow
+    warm-up and compile steps)."""
+    vals = [row[column] for row in run.rows if row[column] is not None]
     best = min((v for v in vals if math.isfinite(v)), default=None)
     rates = [row["tokens_per_s"] for row in run.rows if row["tokens_per_s"]]
     last = run.rows[-1]
@@ -166,23 +174,24 @@ def table_row(run: Run) -> list[str]:
             _count(statistics.median(rates)) if rates else "-", "yes" if diverged(run) else "no"]
 
 
-def format_table(rows: list[list[str]], markdown: bool = False) -> str:
+def format_table(rows: list[list[str]], markdown: bool = False, column: str = "val_loss") -> str:
     """Aligned plain-text table, or a Markdown table (numbers right-aligned in both)."""
+    header = [h + " bpb" if "val" in h and column == "val_bpb" else h for h in HEADER]
     if markdown:
-        lines = [HEADER, ["---"] + ["--:"] * (len(HEADER) - 1), *rows]
+        lines = [header, ["---"] + ["--:"] * (len(header) - 1), *rows]
         return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
-    table = [HEADER, *rows]
+    table = [header, *rows]
     widths = [max(map(len, column)) for column in zip(*table)]
     return "\n".join(cells[0].ljust(widths[0]) + "".join(c.rjust(w + 2) for c, w in zip(cells[1:], widths[1:]))
                      for cells in table)
 
 
-def auto_ylim(runs: list[Run]) -> tuple[float, float] | None:
+def auto_ylim(runs: list[Run], column: str = "val_loss") -> tuple[float, float] | None:
     """A y-range for comparing runs: skip each run's first 10% of tokens (the steep initial drop)
     and, for the top, diverged runs (their blow-ups would flatten every other curve)."""
     def losses(rs: list[Run]) -> list[float]:
         late = [row for r in rs for row in r.rows if row["tokens"] >= 0.1 * r.rows[-1]["tokens"]]
-        return [v for v in _losses(late) if math.isfinite(v)]
+        return [v for v in _losses(late, column) if math.isfinite(v)]
     low, high = losses(runs), losses([r for r in runs if not diverged(r)]) or losses(runs)
     if not low:
         return None
@@ -196,9 +205,10 @@ def _curve(run: Run, x: str, y: str, scale: float = 1.0) -> tuple[list[float], l
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def write_plot(runs: list[Run], out: str, ylim: tuple[float, float] | None) -> bool:
-    """Draw val (solid) and train (light) loss vs tokens, and val loss vs time, into `out`; diverged runs
-    end in an x (drawn at the top edge if off-range). Returns False when matplotlib is not installed."""
+def write_plot(runs: list[Run], out: str, ylim: tuple[float, float] | None, column: str = "val_loss") -> bool:
+    """Draw val (solid) and train (light) loss vs tokens, and val loss vs time, into `out` (column='val_bpb': val bits
+    per byte alone); diverged runs end in an x (drawn at the top edge if off-range). Returns False when matplotlib
+    is not installed."""
     try:  # optional dependency, imported only here; Figure without pyplot renders with Agg, no display needed
         from matplotlib.figure import Figure
         from matplotlib.ticker import EngFormatter
@@ -210,18 +220,24 @@ def write_plot(runs: list[Run], out: str, ylim: tuple[float, float] | None) -> b
     top = ylim[1] if ylim else math.inf
     for i, run in enumerate(runs):
         color, bad = f"C{i % 10}", diverged(run)
-        by_tokens.plot(*_curve(run, "tokens", "train_loss"), color=color, alpha=0.3, lw=1)
-        by_tokens.plot(*_curve(run, "tokens", "val_loss"), color=color, lw=2,
+        if column == "val_loss":
+            by_tokens.plot(*_curve(run, "tokens", "train_loss"), color=color, alpha=0.3, lw=1)
+        by_tokens.plot(*_curve(run, "tokens", column), color=color, lw=2,
                        label=run.label + (" (diverged)" if bad else ""))
-        by_time.plot(*_curve(run, "elapsed_s", "val_loss", scale), color=color, lw=2)
+        by_time.plot(*_curve(run, "elapsed_s", column, scale), color=color, lw=2)
         if bad:
-            finite = [v for v in _losses(run.rows) if math.isfinite(v)]
+            finite = [v for v in _losses(run.rows, column) if math.isfinite(v)]
             y = min(finite[-1] if finite else top, top)  # the last finite loss, kept inside the y-range
             last = run.rows[-1]
             by_tokens.plot(last["tokens"], y, "x", color=color, ms=10, mew=2, clip_on=False)
             by_time.plot(last["elapsed_s"] / scale, y, "x", color=color, ms=10, mew=2, clip_on=False)
-    by_tokens.set(xlabel="tokens", ylabel="loss", title="loss vs tokens: validation (solid), training (light)")
-    by_time.set(xlabel=f"wall-clock time ({unit})", ylabel="validation loss", title="validation loss vs time")
+    if column == "val_loss":
+        by_tokens.set(xlabel="tokens", ylabel="loss", title="loss vs tokens: validation (solid), training (light)")
+        by_time.set(xlabel=f"wall-clock time ({unit})", ylabel="validation loss", title="validation loss vs time")
+    else:
+        by_tokens.set(xlabel="tokens", ylabel="validation bits per byte", title="validation bits per byte vs tokens")
+        by_time.set(xlabel=f"wall-clock time ({unit})", ylabel="validation bits per byte",
+                    title="validation bits per byte vs time")
     by_tokens.xaxis.set_major_formatter(EngFormatter())
     for ax in (by_tokens, by_time):
         ax.grid(alpha=0.3)
@@ -254,6 +270,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"), help="loss axis range (default: auto)")
     parser.add_argument("--table", choices=("text", "md"), default="text", help="table format (md: Markdown)")
     parser.add_argument("--label", help="comma-separated config keys to label runs by (default: all that differ)")
+    parser.add_argument("--metric", choices=tuple(METRICS), default="loss",
+                        help="what to compare: validation loss (nats/token, with the training loss) or bpb (bits "
+                             "per UTF-8 byte, comparable across tokenizers)")
     args = parser.parse_args(argv)
     check_args(args)
     runs = []
@@ -270,9 +289,14 @@ def main(argv: list[str]) -> int:
         if not any(key in r.config for r in runs):
             note(f"--label: no run's config has the key '{key}'")
     label_runs(runs, only)
-    print(format_table([table_row(r) for r in runs], markdown=args.table == "md"))
+    column = METRICS[args.metric]
+    if column == "val_bpb":
+        for run in runs:
+            if all(row[column] is None for row in run.rows):
+                note(f"{run.path}: no val_bpb in its log.csv (written before train.py logged it)")
+    print(format_table([table_row(r, column) for r in runs], markdown=args.table == "md", column=column))
     out = args.out or os.path.join(os.path.dirname(os.path.normpath(runs[0].path)), "plot.png")
-    if write_plot(runs, out, args.ylim or auto_ylim(runs)):
+    if write_plot(runs, out, args.ylim or auto_ylim(runs, column), column):
         note(f"wrote {out}")
     else:
         note("no picture: matplotlib is not installed (pip install matplotlib to get the picture)")

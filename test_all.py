@@ -2375,6 +2375,35 @@ def test_plot_table_and_png():
             assert not os.path.exists(png) and "pip install matplotlib" in err
 
 
+def test_plot_metric_bpb_compares_val_bpb_and_notes_older_logs():
+    with tempfile.TemporaryDirectory() as tmp:
+        for vocab, bpbs in ((300, [3.0, 1.5, 1.75]), (500, [3.2, 2.5, 2.1])):  # logs as train.py writes them now
+            os.makedirs(os.path.join(tmp, f"v{vocab}"))
+            rows = [dict(step=i, tokens=1000 * i, elapsed_s=i, lr=1e-3, train_loss=5.0 - i, val_loss=4.0 - i,
+                         val_ppl=math.exp(4.0 - i), val_bpb=b, tokens_per_s=1000, status="") for i, b in enumerate(bpbs)]
+            with open(os.path.join(tmp, f"v{vocab}", "log.csv"), "w", newline="") as f:
+                writer = csv.DictWriter(f, train.CSV_COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+            with open(os.path.join(tmp, f"v{vocab}", "config.json"), "w") as f:
+                json.dump({"vocab_size": vocab}, f)
+        _plot_write_run(tmp, "old", {"vocab_size": 700}, [(0, 9.0, 9.1, ""), (10, 4.0, 3.9, "")])  # no val_bpb column
+        png = os.path.join(tmp, "bpb.png")
+        code, out, err = _plot_main([os.path.join(tmp, "v*"), os.path.join(tmp, "old"), "--metric=bpb", "--table=md",
+                                     f"--out={png}"])
+        assert code == 0 and "old: no val_bpb in its log.csv" in err, err
+        lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()]
+        assert lines[0][:3] == ["run", "best val bpb", "final val bpb"], lines[0]
+        table = {cells[0]: cells[1:3] for cells in lines[2:]}
+        assert table == {"vocab_size=300": ["1.5000", "1.7500"], "vocab_size=500": ["2.1000", "2.1000"],
+                         "vocab_size=700": ["-", "-"]}, table
+        code, out, _ = _plot_main([os.path.join(tmp, "v300"), "--table=md", f"--out={png}"])  # the default: loss
+        assert "| best val | final val |" in out and "| 2.0000 | 2.0000 |" in out, out
+        if _plot_matplotlib_importable():
+            with open(png, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_without_matplotlib():
     with tempfile.TemporaryDirectory() as tmp:
         _plot_three_runs(tmp)
