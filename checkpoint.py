@@ -44,12 +44,12 @@ def read_checkpoint(src: str | os.PathLike | BinaryIO) -> dict:
     """torch.load (weights only: nothing in the file is executed) with one clear error for a damaged file."""
     name = src if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "checkpoint file")
     if isinstance(src, (str, os.PathLike)) and not os.path.isfile(src):
-        raise FileNotFoundError(f"no checkpoint at {src}; train first or fix the path")
+        problem = ": it is a directory, not a checkpoint file" if os.path.isdir(src) else ""
+        raise FileNotFoundError(f"no checkpoint at {src}{problem}; train first or fix the path")
     try:
         ckpt = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle and I/O errors all mean the same here: the file is damaged
-        raise ValueError(f"{name} is not a readable checkpoint ({type(e).__name__}): truncated or corrupt; "
-                         "delete it to start over or restore a copy") from None
+        raise ValueError(f"{name} is not a readable checkpoint ({type(e).__name__}): truncated or corrupt") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{name} is not a checkpoint: it holds no 'model' state dict")
     return ckpt

@@ -1443,7 +1443,10 @@ def test_schedule_follows_overrides_of_a_config_file():
     assert train.check_config(dict(cfg, min_lr=None, min_lr_ratio=0.5, lr=1.0, cosine_iters=None))["min_lr"] == 0.5
     message = _error_of(lambda: train.check_config(dict(cfg, warmup_iters=300, cosine_iters=200)))
     assert "cosine_iters" in message and "warmup_iters" in message
-    for bad in ({"grad_accum_steps": 0}, {"eval_tokens": 10}, {"min_lr": 1.0}, {"init_from": "x", "resume": True},
+    message = _error_of(lambda: train.check_config(dict(cfg, warmup_iters=300, max_iters=200, cosine_iters=None)))
+    assert message.startswith("max_iters=200 ") and "warmup_iters=300" in message and "None" not in message, message
+    assert _error_of(lambda: train.check_config(dict(cfg, min_lr=None, min_lr_ratio=2))).startswith("min_lr_ratio=2")
+    for bad in ({"grad_accum_steps": 0}, {"eval_tokens": -1}, {"min_lr": 1.0}, {"init_from": "x", "resume": True},
                 {"vocab_size": 70000}, {"compile": "yes"}):
         assert next(iter(bad)) in _error_of(lambda: train.check_config(dict(cfg, **bad))), bad
 
@@ -1519,12 +1522,15 @@ def test_init_from_loads_weights_and_nothing_else():
         assert shorter["model"].config["context_length"] == 8 and torch.equal(
             shorter["model"].lm_head.weight, first["model"].lm_head.weight)
         for bad, named in (({"d_model": 32}, "d_model"), ({"context_length": 32}, "context_length"),
-                           ({"init_from": os.path.join(root, "nothing.pt")}, "nothing.pt"),
+                           ({"init_from": os.path.join(root, "nothing.pt")}, f"init_from={root}/nothing.pt: no "),
+                           ({"init_from": os.path.join(root, "first")}, "first: it is a directory"),
                            ({"resume": True}, "init_from")):
             assert named in _error_of(lambda: train.main(dict(cfg, out_dir=os.path.join(root, "bad"), **bad))), bad
         with open(os.path.join(root, "junk.pt"), "wb") as f:
             f.write(b"not a checkpoint")
-        assert "junk.pt" in _error_of(lambda: train.main(dict(cfg, init_from=os.path.join(root, "junk.pt"))))
+        message = _error_of(lambda: train.main(dict(cfg, init_from=os.path.join(root, "junk.pt"))))
+        assert message.startswith(f"init_from={root}/junk.pt: ") and "truncated or corrupt" in message, message
+        assert "delete" not in message  # not advice for the weights a user starts from
         assert not os.path.exists(os.path.join(root, "bad"))  # refused before anything was written
         with tempfile.TemporaryDirectory() as text_root:  # raw text needs the weights' own tokenizer
             rng = np.random.default_rng(1)
@@ -1588,6 +1594,9 @@ def test_checkpoints_for_any_module_and_load_errors_name_the_keys():
         message = _error_of(lambda: train.load_checkpoint(path, wider, None))
         assert "unexpected" not in message and "missing keys: 3.weight, 3.bias" in message
         assert "0.weight (8, 4) vs (9, 4)" in message
+        cfg = _pipeline_cfg(root, out_dir=root, max_iters=2)  # path holds the Sequential's: not for init_from either
+        message = _error_of(lambda: train.main(dict(cfg, resume=True)))
+        assert "lacks model_config, config, loop, rng" in message and "--init_from" not in message, message
         # A bare checkpoint of a TransformerLM: weights load, --resume says what it lacks.
         cfg = _pipeline_cfg(root, out_dir=os.path.join(root, "run"), max_iters=2)
         lm = TransformerLM(**{k: cfg[k] for k in model.MODEL_KEYS})

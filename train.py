@@ -110,20 +110,22 @@ def check_config(cfg: dict) -> dict:
         cfg[key] = {"true": True, "false": False}.get(str(cfg[key]).lower(), cfg[key])
     if cfg["min_lr"] is None:
         cfg["min_lr"] = cfg["lr"] * cfg["min_lr_ratio"]
-    if cfg["cosine_iters"] is None:
+    run_length = cfg["cosine_iters"] is None  # then the decay ends with the run
+    if run_length:
         cfg["cosine_iters"] = cfg["max_iters"]
     number = lambda key: isinstance(cfg[key], (int, float)) and not isinstance(cfg[key], bool)
     positive = ("batch_size", "grad_accum_steps", "eval_interval", "log_interval", "eps")
     checks = {k: (cfg[k] > 0, "> 0") for k in positive}
     checks |= {k: (cfg[k] >= 0, ">= 0") for k in ("max_iters", "warmup_iters", "lr", "weight_decay", "grad_clip",
                                                   "z_loss", "seed", "eval_tokens")}
-    checks |= {"min_lr": (number("min_lr") and 0 <= cfg["min_lr"] <= cfg["lr"], "a value between 0 and lr, or None "
+    warmed_up = isinstance(cfg["cosine_iters"], int) and (cfg["cosine_iters"] >= cfg["warmup_iters"]
+                                                          or cfg["max_iters"] == 0)
+    checks |= {"min_lr_ratio": (0 <= cfg["min_lr_ratio"] <= 1, "a fraction in [0, 1]"),
+               "min_lr": (number("min_lr") and 0 <= cfg["min_lr"] <= cfg["lr"], "a value between 0 and lr, or None "
                           "(lr x min_lr_ratio)"),
-               "min_lr_ratio": (0 <= cfg["min_lr_ratio"] <= 1, "a fraction in [0, 1]"),
-               "cosine_iters": (isinstance(cfg["cosine_iters"], int) and (cfg["cosine_iters"] >= cfg["warmup_iters"]
-                                                                         or cfg["max_iters"] == 0),
-                                f"a step at or after warmup_iters={cfg['warmup_iters']} (the decay cannot start "
-                                "before the warm-up ends), or None (max_iters); or lower warmup_iters"),
+               "max_iters" if run_length else "cosine_iters": (
+                   warmed_up, f"a step at or after warmup_iters={cfg['warmup_iters']} (the decay cannot start before "
+                   "the warm-up ends)" + ("" if run_length else ", or None (max_iters)") + "; or lower warmup_iters"),
                "betas": (len(cfg["betas"]) == 2 and all(0 <= b < 1 for b in cfg["betas"]), "two numbers in [0, 1)"),
                "diverge_factor": (cfg["diverge_factor"] == 0 or cfg["diverge_factor"] > 1, "0 (off) or > 1"),
                "target_val_loss": (cfg["target_val_loss"] is None or number("target_val_loss"), "a number, or None"),
@@ -171,7 +173,10 @@ def read_source(cfg: dict) -> tuple[dict | None, str]:
     if path.startswith("hf:"):
         import hf  # only fine-tuning an imported model needs it
         return {**hf.read_pretrained(path[3:]), "iteration": 0}, path  # model_config, state_dict, tokenizer
-    ckpt = read_checkpoint(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"init_from={path}: {e}") from None
     if "model_config" not in ckpt:
         raise ValueError(f"init_from={path} holds no model_config (not a TransformerLM checkpoint of train.py)")
     try:
@@ -186,8 +191,9 @@ def check_resume(ckpt: dict, cfg: dict, flags: dict, path: str) -> None:
     """Resuming must find train.py's run state and must not change what is being trained: model flags and z_loss."""
     lacking = [k for k in RUN_STATE if k not in ckpt]
     if lacking:
-        raise ValueError(f"cannot resume {path}: it lacks {', '.join(lacking)} (not written by train.py's loop); "
-                         f"start a new run from its weights with --init_from={path} and --resume=False")
+        fix = (f"start a new run from its weights with --init_from={path} and --resume=False" if "model_config" in ckpt
+               else "it is not a TransformerLM's (no model_config); use a new out_dir")
+        raise ValueError(f"cannot resume {path}: it lacks {', '.join(lacking)} (not written by train.py's loop); {fix}")
     old = {**model_config(**ckpt["model_config"]), "z_loss": ckpt["config"].get("z_loss", 0.0)}
     new = {**flags, "z_loss": cfg["z_loss"]}
     differ = [f"{k} (checkpoint {old.get(k)!r}, now {v!r})" for k, v in new.items() if old.get(k) != v]
@@ -667,7 +673,10 @@ def start(cfg: dict) -> Run:
     source, source_name = read_source(cfg)
     flags = model_config(**model_flags(cfg, source and source["model_config"], source_name))
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    ckpt = read_checkpoint(ckpt_path) if cfg["resume"] else None
+    try:
+        ckpt = read_checkpoint(ckpt_path) if cfg["resume"] else None
+    except ValueError as e:  # a damaged ckpt.pt
+        raise ValueError(f"resume=True: {e}; restore a copy, or delete it to start over") from None
     if ckpt is not None:
         check_resume(ckpt, cfg, flags, ckpt_path)
     taken = [f"{k}={v!r}" for k, v in flags.items() if source and v != cfg[k]]
