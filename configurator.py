@@ -27,55 +27,71 @@ _ALIASES = {"learning_rate": "lr", "iters": "max_iters", "batch": "batch_size", 
             "eval_iters": "eval_tokens"}  # nanoGPT's names, and eval_iters of train.py before eval_tokens
 
 def configure(defaults: dict, argv: list[str]) -> dict:
-    """Apply config files (positional) and --key=value overrides, in order, to a copy of defaults; check every key.
+    """defaults with the config files (positional) and --key=value overrides of argv applied, in order."""
+    return defaults | overrides(defaults, argv)
+
+
+def overrides(defaults: dict, argv: list[str]) -> dict:
+    """The values argv sets: config files (positional) and --key=value overrides, applied in order; check every key.
 
     Override values are parsed with ast.literal_eval (a bare word stays a string); each value must match its default's
     type (an int is accepted for a float, true/false for a bool). Unknown keys and bad types raise a one-line
-    ValueError naming the key. --help prints every key with its default and comment, then exits.
+    ValueError naming the key. --help prints every key with its default and comment, then exits. A key a config file
+    assigns counts as set even when it keeps the default's value: train.py refuses it if it contradicts init_from.
     """
     if "--help" in argv or "-h" in argv:
         print(_help(defaults))
         sys.exit(0)
-    cfg = dict(defaults)
+    cfg, given = dict(defaults), {}
     for arg in argv:
         if arg.startswith("--"):
             key, has_value, text = arg[2:].partition("=")
             if not has_value:
                 raise ValueError(f"{arg}: overrides are written --key=value")
             check_known(key, defaults)
-            cfg[key] = typed(key, _parse(text, defaults[key]), defaults[key])
+            given[key] = cfg[key] = typed(key, _parse(text, defaults[key]), defaults[key])
             _echo(f"override: {key} = {cfg[key]!r}")
         else:
             changed = {}
             for key, value in _run_config_file(arg, cfg).items():
                 check_known(key, defaults)
-                changed[key] = cfg[key] = typed(key, value, defaults[key])
+                given[key] = changed[key] = cfg[key] = typed(key, value, defaults[key])
             _echo(f"config {arg}: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
-    return cfg
+    return given
+
+
+def _assigned(path: str, source: str) -> set[str]:
+    """The names a config file assigns anywhere (x = ..., x += ..., for x in ...), found in its syntax tree."""
+    try:
+        tree = ast.parse(source, path)
+    except SyntaxError:
+        return set()  # exec reports it, with the file and line
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
 
 
 def _run_config_file(path: str, cfg: dict) -> dict:
-    """Execute a config file with cfg in scope; return the public plain values it added or changed."""
-    namespace = dict(cfg)
+    """Execute a config file with cfg in scope; return the public plain values it (or a file it includes) assigns or
+    changes."""
+    namespace, assigned = dict(cfg), set()
 
-    def include(name: str) -> None:  # run a base config from the same folder, e.g. include('tinystories.py')
-        base = os.path.join(os.path.dirname(path), name)
-        with open(base) as f:
-            exec(builtins.compile(f.read(), base, "exec"), namespace)  # `compile` the key shadows the builtin
+    def run(file: str) -> None:
+        with open(file, encoding="utf-8") as f:
+            source = f.read()
+        assigned.update(_assigned(file, source))
+        exec(builtins.compile(source, file, "exec"), namespace)  # `compile` the key shadows the builtin
 
-    namespace["include"] = include
+    namespace["include"] = lambda name: run(os.path.join(os.path.dirname(path), name))  # e.g. include('demo.py')
     if not os.path.isfile(path):
         problem = "is a directory" if os.path.isdir(path) else "not found"
         raise FileNotFoundError(f"config file {path} {problem} (positional arguments are config files; "
                                 "overrides are written --key=value)")
     try:
-        with open(path, encoding="utf-8") as f:
-            exec(builtins.compile(f.read(), path, "exec"), namespace)
+        run(path)
     except Exception as e:  # a user's broken config file: say where, without our traceback
         raise ValueError(f"config file {path}: {type(e).__name__}: {e}") from None
     plain = {k: v for k, v in namespace.items() if not k.startswith("_") and k != "include"
              and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
-    return {k: v for k, v in plain.items() if k not in cfg or v != cfg[k]}
+    return {k: v for k, v in plain.items() if k in assigned or k not in cfg or v != cfg[k]}
 
 
 def _parse(text: str, default):

@@ -42,6 +42,7 @@ import torch._dynamo  # what torch.optim.Optimizer imports on first use (1.5 s):
 
 import bench
 import checkpoint
+import configurator
 import bpe
 import data
 import hf
@@ -1110,10 +1111,15 @@ def test_configure_files_and_overrides():
         with open(os.path.join(root, "base.py"), "w") as f:
             f.write("lr = 1\nbatch_size = 16\nnum_layers = 8\n")
         with open(os.path.join(root, "child.py"), "w") as f:
-            f.write("include('base.py')\nnum_layers = 2\nmin_lr = lr / 10\n")
-        cfg = train.configure(train.DEFAULTS, [os.path.join(root, "child.py"), "--batch_size=8", "--betas=(0.8, 0.9)",
-                                               "--compile=true", "--target_val_loss=1.5", "--out_dir=2024",
-                                               "--max_iters=1e3", "--device=cpu", "--d_ff=96"])
+            f.write("include('base.py')\nnum_layers = 2\nmin_lr = lr / 10\nd_model = 512\n")
+        argv = [os.path.join(root, "child.py"), "--batch_size=8", "--betas=(0.8, 0.9)", "--compile=true",
+                "--target_val_loss=1.5", "--out_dir=2024", "--max_iters=1e3", "--device=cpu", "--d_ff=96"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            cfg, given = train.configure(train.DEFAULTS, argv), configurator.overrides(train.DEFAULTS, argv)
+    # What the files and flags set, including a value equal to the default (d_model = 512) and an included file's.
+    assert set(given) == {"lr", "batch_size", "num_layers", "min_lr", "d_model", "betas", "compile",
+                          "target_val_loss", "out_dir", "max_iters", "device", "d_ff"}, set(given)
+    assert train.DEFAULTS["d_model"] == 512 and cfg == train.DEFAULTS | given
     assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float) and cfg["min_lr"] == 0.1
     assert cfg["num_layers"] == 2 and cfg["batch_size"] == 8 and cfg["betas"] == (0.8, 0.9)
     assert cfg["target_val_loss"] == 1.5 and cfg["out_dir"] == "2024"
@@ -1515,9 +1521,12 @@ def test_init_from_loads_weights_and_nothing_else():
         assert ckpt["iteration"] == 0 and ckpt["optimizer"]["state"] == {} and ckpt["loop"]["first_loss"] is None
         with open(os.path.join(root, "tuned", "run.json")) as f:
             assert json.load(f)["init_from"] == {"path": source, "iteration": 4}
-        defaults = {k: train.DEFAULTS[k] for k in train.MODEL_KEYS}  # flags left at train.py's: the weights', said
-        _, out = _quiet_main(dict(cfg, **defaults, out_dir=os.path.join(root, "defaults")))
+        unset = {k: v for k, v in cfg.items() if k not in train.MODEL_KEYS}  # flags it does not set: the weights'
+        _, out = _quiet_main(dict(unset, out_dir=os.path.join(root, "unset")))
         assert f"from the weights vocab_size={first['model'].config['vocab_size']}, context_length=16, d_model=16" in out
+        defaults = {k: train.DEFAULTS[k] for k in ("qk_norm", "context_length", "d_model")}  # set, to train.py's values
+        message = _error_of(lambda: train.main(dict(unset, **defaults, out_dir=os.path.join(root, "bad"))))
+        assert "context_length (source 16, this run 256), d_model (source 16, this run 512) differ" in message, message
         shorter, _ = _quiet_main(dict(cfg, context_length=8, out_dir=os.path.join(root, "short"), eval_tokens=0))
         assert shorter["model"].config["context_length"] == 8 and torch.equal(
             shorter["model"].lm_head.weight, first["model"].lm_head.weight)
@@ -3027,7 +3036,7 @@ def test_bench_times_the_step_train_py_runs():
 # The repository: from-scratch rule and size budget
 # ----------------------------------------------------------------------------------------------------
 
-_REPO_LINE_BUDGET = {"bpe.py": 760, "model.py": 560, "optim.py": 130, "data.py": 250, "configurator.py": 210,
+_REPO_LINE_BUDGET = {"bpe.py": 760, "model.py": 560, "optim.py": 130, "data.py": 250, "configurator.py": 230,
                      "train.py": 920, "checkpoint.py": 130, "sample.py": 170, "kernels.py": 640, "bench.py": 520,
                      "plot.py": 290, "hf.py": 430, "export.py": 60}
 _REPO_ALLOWED = {"torch.nn": {"Parameter", "Module", "ModuleList", "ModuleDict", "init"}, "torch.optim": {"Optimizer"}}
@@ -3396,7 +3405,7 @@ def test_hf_init_from_fine_tunes_an_imported_model_with_its_tokenizer():
         ours = _hf_model(3, n_kv_heads=2)
         hf.save_pretrained(ours, tok, os.path.join(root, "hf"))
         text = _bpe_write(os.path.join(root, "text.txt"), ("To be, or not to be. " * 40 + _BPE_EOT) * 4)
-        cfg = dict(train.DEFAULTS, init_from=f"hf:{os.path.join(root, 'hf')}", train_data=text, val_data=text,
+        cfg = dict(init_from=f"hf:{os.path.join(root, 'hf')}", train_data=text, val_data=text,
                    tokenizer_dir=os.path.join(root, "tuned_tok"), out_dir=os.path.join(root, "out"), device="cpu",
                    batch_size=2, max_iters=0, eval_tokens=0)
         tuned, out = _quiet_main(cfg)

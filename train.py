@@ -33,7 +33,7 @@ import bpe
 import data
 from bpe import atomic_write, hms
 from checkpoint import checkpoint_tokenizer, load_checkpoint, read_checkpoint, save_checkpoint
-from configurator import check_known, configure, run_cli, typed
+from configurator import check_known, configure, overrides, run_cli, typed
 from model import KERNEL_OPS, MODEL_KEYS, TransformerLM, format_preflight, model_config
 from optim import AdamW, clip_grad_norm, cosine_lr
 
@@ -144,20 +144,21 @@ def check_config(cfg: dict) -> dict:
 
 # --- Where a run starts: random weights, out_dir/ckpt.pt (resume) or other weights (init_from) ---------------------
 
-def model_flags(cfg: dict, source: dict | None, name: str) -> dict:
-    """The model keys to build: cfg's own, or, starting from other weights, the source's. A key this run set to a
-    value other than the source's is refused, except a shorter context_length (RoPE and the causal mask only
-    need positions the source has seen)."""
+def model_flags(cfg: dict, given: set, source: dict | None, name: str) -> dict:
+    """The model keys to build: cfg's own, or, starting from other weights, the source's. A key this run set (is in
+    given) to a value other than the source's is refused, except a shorter context_length (RoPE and the causal mask
+    only need positions the source has seen)."""
     if source is None:
         return {k: cfg[k] for k in MODEL_KEYS}
     flags, conflicts = model_config(**source), []  # a source written before a key existed has its default
+    mine = model_config(**flags | {k: cfg[k] for k in MODEL_KEYS if k in given})  # None resolved: n_kv_heads, d_ff
     for key in MODEL_KEYS:
-        if cfg[key] == DEFAULTS[key] or cfg[key] == flags[key]:
+        if mine[key] == flags[key]:
             continue
-        if key == "context_length" and cfg[key] < flags[key]:
-            flags[key] = cfg[key]
+        if key == "context_length" and mine[key] < flags[key]:
+            flags[key] = mine[key]
         else:
-            conflicts.append(f"{key} (source {flags[key]!r}, this run {cfg[key]!r})")
+            conflicts.append(f"{key} (source {flags[key]!r}, this run {mine[key]!r})")
     if conflicts:
         raise ValueError(f"init_from={name}: the model flags come from the weights; {', '.join(conflicts)} differ: "
                          "drop them from the config or use the source's values")
@@ -661,7 +662,7 @@ class Run:
         return os.path.join(self.cfg["out_dir"], name)
 
 
-def start(cfg: dict) -> Run:
+def start(cfg: dict, given: set) -> Run:
     """Check every input (config, starting point, tokenizer, data, the first step) before anything in out_dir is
     written, build the run, then write config.json, run.json and log.csv's header."""
     rank, local_rank, world, prep_group = setup_distributed(cfg["device"])
@@ -671,7 +672,7 @@ def start(cfg: dict) -> Run:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores, as the MFU peak assumes
     source, source_name = read_source(cfg)
-    flags = model_config(**model_flags(cfg, source and source["model_config"], source_name))
+    flags = model_config(**model_flags(cfg, given, source and source["model_config"], source_name))
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     try:
         ckpt = read_checkpoint(ckpt_path) if cfg["resume"] else None
@@ -680,7 +681,7 @@ def start(cfg: dict) -> Run:
     if ckpt is not None:
         check_resume(ckpt, cfg, flags, ckpt_path)
     taken = [f"{k}={v!r}" for k, v in flags.items() if source and v != cfg[k]]
-    if taken:  # this run left them at train.py's defaults
+    if taken:  # keys this run did not set
         say(f"init_from={source_name}: from the weights {', '.join(taken)}")
     cfg.update(flags)
     if 0 < cfg["eval_tokens"] < cfg["context_length"]:  # checked here, where context_length is the model's
@@ -849,11 +850,12 @@ def diverged(run: Run, bad_step: int, problem: str) -> None:
 
 
 def main(cfg: dict) -> dict:
-    """Train as cfg says (missing keys take DEFAULTS). Returns {status, step, train_loss, val_loss, val_bpb, model},
+    """Train as cfg says (missing keys take DEFAULTS; starting from other weights, the model keys cfg holds must
+    agree with theirs). Returns {status, step, train_loss, val_loss, val_bpb, model},
     where status is 'done', 'target' (target_val_loss reached), 'diverged' or 'interrupted', and model is the raw
     trained model."""
     try:
-        run = start(check_config(cfg))
+        run = start(check_config(cfg), set(cfg))  # the keys cfg holds are the ones this run sets
         train_loop(run)
     finally:  # on an error too: a process group left to the interpreter's exit can abort the process
         if dist.is_initialized():
@@ -911,4 +913,4 @@ def schedule_note(step: int, cfg: dict, old: dict) -> str:
 
 
 if __name__ == "__main__":
-    run_cli(lambda argv: 130 if main(configure(DEFAULTS, argv))["status"] == "interrupted" else 0)
+    run_cli(lambda argv: 130 if main(overrides(DEFAULTS, argv))["status"] == "interrupted" else 0)
