@@ -27,6 +27,9 @@ from model import RotaryPositionalEmbedding, TransformerLM, model_config
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# what save_pretrained writes (and a hub download beside it); --force replaces a directory holding only these
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "README.md", ".gitattributes"}
 # GPT-2's pre-tokenizer as HF's ByteLevel(use_regex=True) spells it; bpe.PAT is the same expression regrouped
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # our flags that Llama/Qwen3 have no equivalent for, with the value each needs
@@ -199,6 +202,24 @@ def check_dtype(dtype: str) -> None:
         raise ValueError(f"dtype={dtype!r} is not allowed; use 'float32' or 'bfloat16'")
 
 
+def check_target(path: str, force: bool) -> None:
+    """path may be new, an empty directory, or (with force) an earlier export: a directory of an export's files
+    alone, so that force never deletes a run, a repository or anything else a user keeps there."""
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise NotADirectoryError(f"--to={path}: {parent} is a file, not a directory; pick another --to")
+    if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
+        return
+    if not os.path.isdir(path) or not force:
+        raise FileExistsError(f"{path} exists and is not an empty directory; pick another --to or pass --force=True")
+    others = sorted(n for n in os.listdir(path) if n not in EXPORT_FILES or not os.path.isfile(os.path.join(path, n)))
+    if others:
+        raise FileExistsError(f"--to={path} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, not "
+                              "only an earlier export's files; --force=True replaces only an export: pick another --to")
+
+
 def save_pretrained(model: TransformerLM, tokenizer: bpe.Tokenizer | None, path: str, dtype: str = "float32",
                     force: bool = False) -> None:
     """Write model (and tokenizer) as an HF directory at path. It is built in a temporary directory beside path and
@@ -209,8 +230,7 @@ def save_pretrained(model: TransformerLM, tokenizer: bpe.Tokenizer | None, path:
         raise ValueError(f"the tokenizer has ids up to {max(tokenizer.vocab)} but the model's vocab_size is "
                          f"{cfg['vocab_size']}; export with the tokenizer the model was trained with")
     path = os.path.abspath(path)
-    if os.path.exists(path) and not (os.path.isdir(path) and (force or not os.listdir(path))):
-        raise FileExistsError(f"{path} exists and is not an empty directory; pick another --to or pass --force=True")
+    check_target(path, force)
     weights = {k: v.to(getattr(torch, dtype)) for k, v in _convert(model.state_dict(), cfg, to_hf=True).items()}
     eot = tokenizer.special_ids.get(bpe.EOT) if tokenizer else None
     files = {"config.json": hf_config(cfg, tokenizer, dtype),

@@ -13,6 +13,7 @@ import csv
 import doctest
 import errno
 import gzip
+import hashlib
 import importlib
 import io
 import itertools
@@ -3397,6 +3398,12 @@ def _hf_error(fn, *args) -> str:
     raise AssertionError(f"{fn.__name__}{args} did not refuse")
 
 
+def _tree_digest(root):
+    """{path under root: its bytes' sha256} for every file below root: to check that nothing was touched."""
+    return {os.path.relpath(os.path.join(d, n), root): hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest()
+            for d, _, names in os.walk(root) for n in names}
+
+
 def test_hf_init_from_fine_tunes_an_imported_model_with_its_tokenizer():
     """train.py --init_from=hf:DIR: the flags and weights come from the directory, its tokenizer is written to a new
     tokenizer_dir and tokenizes the raw text; a second run finds it there."""
@@ -3433,6 +3440,11 @@ def test_hf_bad_inputs_one_line_errors():
         run = cli(f"--out_dir={out_dir}", f"--to={to}")
         assert run.returncode == 2 and "--force=True" in run.stderr and run.stderr.count("\n") == 1, run.stderr
         assert os.listdir(to) == ["keep.txt"]
+        before = _tree_digest(root)
+        for target in (to, out_dir, root, os.path.join(to, "keep.txt", "x")):  # force never deletes what is not an export
+            message = _hf_error(export.main, [f"--out_dir={out_dir}", f"--to={target}", "--force=True"])
+            assert "not only an earlier export's files" in message or "is a file, not a directory" in message, message
+        assert _tree_digest(root) == before
         os.rename(os.path.join(root, "tok"), os.path.join(root, "gone"))
         with contextlib.redirect_stdout(io.StringIO()):
             assert "its tokenizer" in _hf_error(export.main, [f"--out_dir={out_dir}", f"--to={root}/z"])
