@@ -3039,7 +3039,7 @@ def test_bench_times_the_step_train_py_runs():
 
 _REPO_LINE_BUDGET = {"bpe.py": 760, "model.py": 560, "optim.py": 130, "data.py": 250, "configurator.py": 230,
                      "train.py": 920, "checkpoint.py": 130, "sample.py": 170, "kernels.py": 640, "bench.py": 520,
-                     "plot.py": 320, "hf.py": 430, "export.py": 60}
+                     "plot.py": 320, "hf.py": 450, "export.py": 60}
 _REPO_ALLOWED = {"torch.nn": {"Parameter", "Module", "ModuleList", "ModuleDict", "init"}, "torch.optim": {"Optimizer"}}
 
 
