@@ -1636,6 +1636,26 @@ def test_failing_run_leaves_the_previous_out_dir_byte_for_byte():
             assert snapshot() == before, bad
 
 
+def test_out_dir_own_init_from_resume_past_the_end_and_a_broken_log_refused_before_writing():
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _pipeline_cfg(root, max_iters=4)
+        _quiet_main(cfg)
+        open(os.path.join(root, "afile"), "w").close()
+        before = _tree_digest(root)
+        for bad, named in (({"out_dir": os.path.join(root, "afile", "x")}, "afile is a file, not a directory"),
+                           ({"out_dir": " "}, "out_dir=' ' is not allowed"),
+                           ({"init_from": os.path.join(cfg["out_dir"], "ckpt.pt")}, "this run's own out_dir/ckpt.pt"),
+                           ({"resume": True, "max_iters": 3}, "max_iters=3 is before the step of")):
+            message = _error_of(lambda: train.main(dict(cfg, **bad)))
+            assert named in message, (bad, message)
+        assert _tree_digest(root) == before
+        with open(os.path.join(cfg["out_dir"], "log.csv"), "wb") as f:
+            f.write(b"step,status\n\xff\xfe,\n")
+        before = _tree_digest(root)
+        message = _error_of(lambda: train.main(dict(cfg, resume=True, max_iters=6)))
+        assert "log.csv is not a readable train.py log" in message and _tree_digest(root) == before, message
+
+
 def test_two_runs_started_together_prepare_the_data_once():
     """The study starts runs two at a time: both find no tokenizer and no token files; a lock in tokenizer_dir lets
     one prepare while the other waits, then finds the files (they used to race on the same .tmp)."""
@@ -3038,7 +3058,7 @@ def test_bench_times_the_step_train_py_runs():
 # ----------------------------------------------------------------------------------------------------
 
 _REPO_LINE_BUDGET = {"bpe.py": 760, "model.py": 560, "optim.py": 130, "data.py": 250, "configurator.py": 230,
-                     "train.py": 920, "checkpoint.py": 130, "sample.py": 170, "kernels.py": 640, "bench.py": 520,
+                     "train.py": 960, "checkpoint.py": 130, "sample.py": 170, "kernels.py": 640, "bench.py": 520,
                      "plot.py": 320, "hf.py": 450, "export.py": 60}
 _REPO_ALLOWED = {"torch.nn": {"Parameter", "Module", "ModuleList", "ModuleDict", "init"}, "torch.optim": {"Optimizer"}}
 

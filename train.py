@@ -135,7 +135,8 @@ def check_config(cfg: dict) -> dict:
                "dtype": (cfg["dtype"] in ("auto", "float32", "bfloat16", "float16"),
                          "'auto', 'float32', 'bfloat16' or 'float16'"),
                "init_from": (not (cfg["init_from"] and cfg["resume"]), "'' with resume=True (resume continues "
-                             "out_dir/ckpt.pt; init_from starts a new run from other weights)")}
+                             "out_dir/ckpt.pt; init_from starts a new run from other weights)"),
+               "out_dir": (cfg["out_dir"].strip() != "", "a directory for the run's files, e.g. out/mine")}
     for key, (ok, allowed) in checks.items():
         if not ok:
             raise ValueError(f"{key}={cfg[key]!r} is not allowed; use {allowed}")
@@ -174,6 +175,9 @@ def read_source(cfg: dict) -> tuple[dict | None, str]:
     if path.startswith("hf:"):
         import hf  # only fine-tuning an imported model needs it
         return {**hf.read_pretrained(path[3:]), "iteration": 0}, path  # model_config, state_dict, tokenizer
+    if os.path.abspath(path) == os.path.abspath(os.path.join(cfg["out_dir"], "ckpt.pt")):
+        raise ValueError(f"init_from={path} is this run's own out_dir/ckpt.pt, which the new run would replace at "
+                         "step 0; pick another out_dir")
     try:
         ckpt = read_checkpoint(path)
     except (ValueError, OSError) as e:
@@ -201,6 +205,9 @@ def check_resume(ckpt: dict, cfg: dict, flags: dict, path: str) -> None:
     if differ:
         raise ValueError(f"cannot resume {path} with different flags: {', '.join(differ)}; "
                          "use the checkpoint's values or a new out_dir")
+    if cfg["max_iters"] < ckpt["iteration"]:
+        raise ValueError(f"max_iters={cfg['max_iters']} is before the step of {path} ({ckpt['iteration']}); "
+                         "resume with a larger max_iters")
 
 
 def check_tokenizer_source(cfg: dict, source: dict | None, name: str) -> bpe.Tokenizer | None:
@@ -346,12 +353,31 @@ def git_commit() -> str:
         return "unknown"
 
 
-def start_log(path: str, keep_until: int | None) -> None:
-    """Write log.csv's header; on resume keep the complete rows up to the checkpoint's step (later ones replay)."""
-    rows = []
-    if keep_until is not None and os.path.isfile(path):
-        with open(path, newline="") as f:  # a row cut short by a crash has no status field (None): dropped
-            rows = [r for r in csv.DictReader(f) if r.get("status") is not None and int(r["step"]) <= keep_until]
+def kept_rows(path: str, keep_until: int) -> list[dict]:
+    """A resumed run's log.csv rows up to the checkpoint's step (later ones replay); read before anything is written."""
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:  # a row cut short by a crash has no status field: dropped
+            return [r for r in csv.DictReader(f) if r.get("status") is not None and int(r["step"]) <= keep_until]
+    except (UnicodeDecodeError, csv.Error, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"resume=True: {path} is not a readable train.py log ({type(e).__name__}); move it away to "
+                         "resume without its earlier rows") from None
+
+
+def check_out_dir(path: str) -> None:
+    """out_dir can be made and written: found out before data preparation and the first step, not at the end."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"out_dir={path}: {existing} is a file, not a directory; pick another out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"out_dir={path}: {existing} is not writable; pick another out_dir")
+
+
+def start_log(path: str, rows: list[dict]) -> None:
+    """Write log.csv's header and the rows a resumed run keeps."""
     with open(path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -671,6 +697,7 @@ def start(cfg: dict, given: set) -> Run:
     dtype, dtype_why = pick_dtype(cfg["dtype"], dev)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores, as the MFU peak assumes
+    check_out_dir(cfg["out_dir"])
     source, source_name = read_source(cfg)
     flags = model_config(**model_flags(cfg, given, source and source["model_config"], source_name))
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -758,11 +785,12 @@ def write_header(run: Run, dtype_why: str, source_name: str) -> None:
             f"forward | {run.tokens_per_step:,} tokens/step | {'compiled' if info['compiled'] else 'eager'}, "
             f"{info['ops']} | validation {len(run.val_starts):,} x {cfg['context_length']} tokens")
     if run.rank == 0:
+        rows = kept_rows(run.path("log.csv"), run.step) if run.ckpt is not None else []
         os.makedirs(cfg["out_dir"], exist_ok=True)
         for name, obj in (("config.json", cfg), ("run.json", info)):
             with atomic_write(run.path(name)) as f:  # a crash never leaves half a JSON file
                 json.dump(obj, f, indent=1)
-        start_log(run.path("log.csv"), keep_until=run.step if run.ckpt is not None else None)
+        start_log(run.path("log.csv"), rows)
 
 
 def save(run: Run) -> None:
