@@ -475,19 +475,35 @@ def test_bpe_bad_inputs():
         os.mkdir(out_dir)
         with open(os.path.join(out_dir, "vocab.json"), "w") as f:
             f.write("keep")
-        runs = [_bpe_cli("train", f"--input={path}", "--vocab_size=256", f"--out_dir={out_dir}"),
-                _bpe_cli("train", f"--input={tmp}/missing.txt", "--vocab_size=300", f"--out_dir={out_dir}"),
-                _bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--colour=red"),
-                _bpe_cli("stats", f"--tokenizer={tmp}", f"--input={path}"),  # tmp holds the last bad files
-                _bpe_cli("encode", f"--tokenizer={out_dir}", f"--input={path}", f"--out={tmp}/o.bin")]
-        for run in runs:
+        ckpt = _bpe_write(os.path.join(tmp, "ckpt.pt"), "weights")  # encode may replace only a .bin
+        force = "--force=True"  # past the tokenizer already in out_dir, to the check each run is about
+        runs = [(_bpe_cli("train", f"--input={path}", "--vocab_size=256", f"--out_dir={out_dir}", force), "257"),
+                (_bpe_cli("train", f"--input={tmp}/missing.txt", "--vocab_size=300", f"--out_dir={out_dir}", force),
+                 "missing.txt"),
+                (_bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--colour=red"),
+                 "--colour"),
+                (_bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}"),
+                 f"--out_dir={out_dir} already holds a tokenizer (vocab.json); pick another --out_dir, or pass "
+                 "--force=True"),
+                (_bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--force=yes"),
+                 "--force must be True or False"),
+                (_bpe_cli("stats", f"--tokenizer={tmp}", f"--input={path}"), "vocab.json"),  # the last bad files
+                (_bpe_cli("encode", f"--tokenizer={out_dir}", f"--input={path}", f"--out={tmp}/o.bin"), "merges.txt not"),
+                (_bpe_cli("encode", f"--tokenizer={tmp}", f"--input={path}", f"--out={ckpt}"),
+                 f"--out={ckpt} exists and is not a .bin token file"),
+                (_bpe_cli("encode", f"--tokenizer={tmp}", f"--input={path}", f"--out={out_dir}"), "is a directory")]
+        for run, words in runs:
             assert run.returncode == 2 and run.stdout == "", run
-            assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
-        with open(os.path.join(out_dir, "vocab.json")) as f:
-            assert f.read() == "keep"
-        ok = _bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--num_workers=1")
+            assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and words in run.stderr, run.stderr
+        with open(os.path.join(out_dir, "vocab.json")) as f, open(ckpt) as g:
+            assert f.read() == "keep" and g.read() == "weights"
+        ok = _bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--num_workers=1", force)
         assert ok.returncode == 0 and "longest tokens" in ok.stdout, ok.stderr
-        assert bpe.load_tokenizer(out_dir).decode(bpe.load_tokenizer(out_dir).encode("some text")) == "some text"
+        tok = bpe.load_tokenizer(out_dir)
+        assert tok.decode(tok.encode("some text")) == "some text"
+        old_bin = _bpe_write(os.path.join(tmp, "old.bin"), "an earlier token file")
+        ok = _bpe_cli("encode", f"--tokenizer={out_dir}", f"--input={path}", f"--out={old_bin}", "--num_workers=1")
+        assert ok.returncode == 0 and np.fromfile(old_bin, dtype="<u2").tolist() == tok.encode("some text"), ok.stderr
 
 
 def test_bpe_docstring_examples():
