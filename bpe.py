@@ -495,7 +495,9 @@ class Tokenizer:
             raise ValueError(f"{merges_path} does not fit {vocab_path}: {e}") from None
 
     def save(self, vocab_path: str, merges_path: str) -> None:
-        """Write vocab.json + merges.txt in GPT-2's format; neither file is replaced unless both are written."""
+        """Write vocab.json + merges.txt in GPT-2's format; neither file is replaced unless both are written.
+        merges.txt is renamed into place first (the inner `with` exits first), so a save cut between the renames
+        leaves merges.txt without vocab.json, never vocab.json without merges.txt: data.py relies on this."""
         with atomic_write(vocab_path) as fv, atomic_write(merges_path) as fm:
             json.dump({_to_unicode(t): i for i, t in sorted(self.vocab.items())}, fv, ensure_ascii=False)
             fm.write("#version: 0.2\n")

@@ -203,11 +203,14 @@ def prepare_splits(paths: list[str], tokenizer_dir: str, vocab_size: int,
 def _prepare_locked(paths: list[str], tokenizer_dir: str, vocab_size: int,
                     special_tokens: tuple[str, ...]) -> list[str]:
     missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(tokenizer_dir, f))]
+    if missing == ["merges.txt"]:  # not what a cut save leaves (see bpe.Tokenizer.save): not ours to replace
+        raise FileNotFoundError(f"tokenizer_dir={tokenizer_dir} holds vocab.json but no merges.txt; restore "
+                                "merges.txt, or delete the directory to train a new tokenizer there")
     if missing:
         if paths[0].endswith(".bin"):
             raise FileNotFoundError(f"no tokenizer in {tokenizer_dir} to tokenize {paths[1]}; point tokenizer_dir "
                                     f"at the tokenizer that made {paths[0]}, or pass raw text for both")
-        half = f" ({missing[0]} is missing: an interrupted run?)" if len(missing) == 1 else ""
+        half = " (vocab.json is missing: an interrupted run)" if len(missing) == 1 else ""
         print(f"training a {vocab_size:,}-token BPE tokenizer on {paths[0]} -> {tokenizer_dir}{half}")
         bpe.train_tokenizer(paths[0], vocab_size, tokenizer_dir, tuple(special_tokens))
     tokenizer_vocab = bpe.load_tokenizer(tokenizer_dir, tuple(special_tokens)).vocab_size

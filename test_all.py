@@ -3664,6 +3664,36 @@ def test_careless_two_texts_with_one_name_get_their_own_caches():
         assert data.token_cache_path(same_file, "t") == data.token_cache_path(paths[1], "t")
 
 
+def test_careless_tokenizer_dir_with_vocab_json_but_no_merges_txt_refused():
+    """A lone vocab.json was retrained over (with a note on stdout) as if an interrupted run had left it; a cut save
+    leaves the other half (bpe.Tokenizer.save renames merges.txt first), so a lone vocab.json is the user's."""
+    with tempfile.TemporaryDirectory() as root:
+        text = _bpe_write(os.path.join(root, "t.txt"), _bpe_corpus(0, 30))
+        tok = bpe.Tokenizer(*bpe.train_bpe(text, 300, [_BPE_EOT], 1), [_BPE_EOT])
+        tok_dir, replace = os.path.join(root, "tok"), os.replace
+        os.mkdir(tok_dir)
+
+        def cut_after_first_rename(src, dst):
+            if dst.endswith("vocab.json"):
+                raise KeyboardInterrupt  # the save is stopped between its two renames
+            replace(src, dst)
+
+        os.replace = cut_after_first_rename
+        try:
+            tok.save(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            os.replace = replace
+        assert sorted(os.listdir(tok_dir)) == ["merges.txt"]  # the state data.py trains again over
+        os.remove(os.path.join(tok_dir, "merges.txt"))
+        _bpe_write(os.path.join(tok_dir, "vocab.json"), "mine")
+        code, out, err = _careless_cli("data.py", [f"--train_data={text}", f"--val_data={text}",
+                                                   f"--tokenizer_dir={tok_dir}", "--vocab_size=300"])
+        _careless_one_line(code, err, f"tokenizer_dir={tok_dir} holds vocab.json but no merges.txt", "restore")
+        assert sorted(os.listdir(tok_dir)) == [".lock", "vocab.json"] and open(f"{tok_dir}/vocab.json").read() == "mine"
+
+
 def test_careless_short_empty_and_missing_data_named_with_their_key():
     with tempfile.TemporaryDirectory() as root:
         short = os.path.join(root, "short.bin")
