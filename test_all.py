@@ -1105,6 +1105,17 @@ def test_load_tokens_refuses_odd_bytes_and_out_of_range_ids():
             assert False, "odd byte count accepted"
         except ValueError as e:
             assert path in str(e) and "3 bytes" in str(e) and "\n" not in str(e)
+        text = _bpe_write(os.path.join(root, "t.txt"), _bpe_corpus(0, 30))
+        with contextlib.redirect_stdout(io.StringIO()):
+            cache = data.prepare_splits([text, text], os.path.join(root, "tok"), 300)[0]
+        for name in (path, cache):  # a .bin of the user's, then a cache that prepare made from text
+            open(name, "wb").close()
+            try:
+                data.load_tokens(name, 300)
+                assert False, "an empty token file accepted"
+            except ValueError as e:
+                fix = f"delete it and run again to tokenize {text} again" if name == cache else "point train_data"
+                assert str(e).startswith(f"{name} has 0 bytes, no uint16 tokens") and fix in str(e), e
         np.array([1, 2, 700, 3], dtype="<u2").tofile(path)
         try:
             data.load_tokens(path, 512)
@@ -3052,7 +3063,7 @@ def test_bench_times_the_step_train_py_runs():
 # The repository: from-scratch rule and size budget
 # ----------------------------------------------------------------------------------------------------
 
-_REPO_LINE_BUDGET = {"bpe.py": 760, "model.py": 560, "optim.py": 130, "data.py": 250, "configurator.py": 230,
+_REPO_LINE_BUDGET = {"bpe.py": 760, "model.py": 560, "optim.py": 130, "data.py": 270, "configurator.py": 230,
                      "train.py": 920, "checkpoint.py": 130, "sample.py": 170, "kernels.py": 640, "bench.py": 520,
                      "plot.py": 320, "hf.py": 430, "export.py": 60}
 _REPO_ALLOWED = {"torch.nn": {"Parameter", "Module", "ModuleList", "ModuleDict", "init"}, "torch.optim": {"Optimizer"}}
@@ -3664,6 +3675,28 @@ def test_careless_two_texts_with_one_name_get_their_own_caches():
         assert data.token_cache_path(same_file, "t") == data.token_cache_path(paths[1], "t")
 
 
+def test_careless_text_replaced_by_an_older_file_is_tokenized_again():
+    """The cache was reused while it was newer than its text: a text replaced by a different one with an older mtime
+    (cp -p, tar x, rsync -t) kept its stale tokens. Now the text's size and mtime_ns recorded beside the .bin decide."""
+    with tempfile.TemporaryDirectory() as root:
+        paths = [_bpe_write(os.path.join(root, f"{split}.txt"), _bpe_corpus(seed, 30))
+                 for seed, split in enumerate(("train", "val"))]
+        tok_dir = os.path.join(root, "tok")
+        with contextlib.redirect_stdout(io.StringIO()):
+            bins = data.prepare_splits(paths, tok_dir, 300)
+        made = os.stat(bins[1]).st_mtime_ns
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert data.prepare_splits(paths, tok_dir, 300) == bins and os.stat(bins[1]).st_mtime_ns == made
+        new_text = _bpe_corpus(7, 30)
+        _bpe_write(paths[1], new_text)
+        os.utime(paths[1], ns=(made - 10**12, made - 10**12))  # 1000 s older than the cache it replaces
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            assert data.prepare_splits(paths, tok_dir, 300) == bins
+        assert said.getvalue().count("tokenizing") == 1 and paths[1] in said.getvalue(), said.getvalue()
+        assert np.fromfile(bins[1], dtype="<u2").tolist() == bpe.load_tokenizer(tok_dir).encode(new_text)
+
+
 def test_careless_tokenizer_dir_with_vocab_json_but_no_merges_txt_refused():
     """A lone vocab.json was retrained over (with a note on stdout) as if an interrupted run had left it; a cut save
     leaves the other half (bpe.Tokenizer.save renames merges.txt first), so a lone vocab.json is the user's."""
@@ -3707,6 +3740,15 @@ def test_careless_short_empty_and_missing_data_named_with_their_key():
             except ValueError as e:
                 assert "short.bin" in str(e) and "val_data" in str(e) and "at most 9" in str(e), e
         data.check_length(short, tokens, 9, "val_data")  # 10 tokens make one window of 9 + 1
+        short_txt = _bpe_write(os.path.join(root, "short.txt"), "a few words")
+        with contextlib.redirect_stdout(io.StringIO()):
+            cache = data.prepare_splits([_bpe_write(os.path.join(root, "t.txt"), _bpe_corpus(0, 30)), short_txt],
+                                        os.path.join(root, "tok0"), 300)[1]
+        try:
+            data.check_length(cache, data.load_tokens(cache, 300), 16, "val_data")
+            raise AssertionError("a short text accepted")
+        except ValueError as e:  # the user's text first, the cache only as where its tokens are
+            assert str(e).startswith(f"{short_txt} (val_data, tokenized into {cache}) has "), e
         train_txt = _bpe_write(os.path.join(root, "train.txt"), _bpe_corpus(0, 30))
         empty = _bpe_write(os.path.join(root, "empty.txt"), "")
         blocker = _bpe_write(os.path.join(root, "file"), "x")
