@@ -3,7 +3,8 @@
     python bpe.py train --input=data/shakespeare_train.txt.gz --vocab_size=10000 --out_dir=data/shakes10k
     python bpe.py stats --tokenizer=data/shakes10k --input=data/shakespeare_val.txt.gz
     python bpe.py encode --tokenizer=data/shakes10k --input=data/shakespeare_val.txt.gz --out=data/val.bin
-    (options: --special_tokens=A,B (default <|endoftext|>), --num_workers=N for train/encode (default: all cores))
+    (options: --special_tokens=A,B (default <|endoftext|>), --num_workers=N for train/encode (default: all cores),
+    --force=True for train to replace the tokenizer already in --out_dir; encode replaces only an existing .bin)
 
 Ids from train_bpe: the special tokens first (0..k-1, so `<|endoftext|>` is 0), then the 256 single bytes
 in byte order, then the new tokens in merge order. Code should not rely on this: `tok.special_ids[EOT]`
@@ -494,7 +495,9 @@ class Tokenizer:
             raise ValueError(f"{merges_path} does not fit {vocab_path}: {e}") from None
 
     def save(self, vocab_path: str, merges_path: str) -> None:
-        """Write vocab.json + merges.txt in GPT-2's format; neither file is replaced unless both are written."""
+        """Write vocab.json + merges.txt in GPT-2's format; neither file is replaced unless both are written.
+        merges.txt is renamed into place first (the inner `with` exits first), so a save cut between the renames
+        leaves merges.txt without vocab.json, never vocab.json without merges.txt: data.py relies on this."""
         with atomic_write(vocab_path) as fv, atomic_write(merges_path) as fm:
             json.dump({_to_unicode(t): i for i, t in sorted(self.vocab.items())}, fv, ensure_ascii=False)
             fm.write("#version: 0.2\n")
@@ -662,10 +665,10 @@ def encode_file(input_path: str, out_path: str, tokenizer_dir: str, special_toke
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
-_OPTIONS = {"train": ["input", "vocab_size", "out_dir", "special_tokens", "num_workers"],
+_OPTIONS = {"train": ["input", "vocab_size", "out_dir", "special_tokens", "num_workers", "force"],
             "stats": ["tokenizer", "input", "special_tokens"],
             "encode": ["tokenizer", "input", "out", "special_tokens", "num_workers"]}
-_DEFAULTS = {"special_tokens": EOT, "num_workers": "0"}  # num_workers=0: all cores
+_DEFAULTS = {"special_tokens": EOT, "num_workers": "0", "force": "False"}  # num_workers=0: all cores
 
 
 def _parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
@@ -685,6 +688,8 @@ def _parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
     for key in {"vocab_size", "num_workers"} & options.keys():
         if not options[key].isdecimal():
             raise ValueError(f"--{key} must be a whole number, got {options[key]!r}")
+    if options.get("force", "False") not in ("True", "False"):
+        raise ValueError(f"--force must be True or False, got {options['force']!r}")
     if int(options.get("num_workers", 0)) > os.cpu_count():  # each is a process: 1000 would fork 1000
         raise ValueError(f"--num_workers={options['num_workers']} is more than the {os.cpu_count()} cores here")
     for key in {"out_dir", "out"} & options.keys():  # now, not after the training or encoding
@@ -701,8 +706,24 @@ def _check_writable(key: str, path: str) -> None:
         raise ValueError(f"--{key}={path} cannot be written: {folder} is not a folder you can write to")
 
 
+def _refuse_overwrite(command: str, o: dict[str, str]) -> None:
+    """Outputs that hold something else are refused before any work: train's --out_dir with a tokenizer in it
+    (a run's tokenizer_dir: its token files and checkpoints need it) unless --force=True; encode's existing
+    --out unless it is a .bin (an earlier token file), never a directory, the input or, say, a checkpoint."""
+    if command == "train" and o["force"] == "False":
+        if held := [n for n in ("vocab.json", "merges.txt") if os.path.exists(os.path.join(o["out_dir"], n))]:
+            raise ValueError(f"--out_dir={o['out_dir']} already holds a tokenizer ({', '.join(held)}); pick "
+                             "another --out_dir, or pass --force=True to replace it")
+    if command == "encode" and os.path.exists(out := o["out"]):
+        what = ("a directory" if os.path.isdir(out) else "not a .bin token file" if not out.endswith(".bin")
+                else "the input file" if os.path.exists(o["input"]) and os.path.samefile(o["input"], out) else "")
+        if what:
+            raise ValueError(f"--out={out} exists and is {what}; name a new file for the tokens")
+
+
 def main(argv: list[str]) -> None:
     command, o = _parse_args(argv)
+    _refuse_overwrite(command, o)
     specials = [s for s in o["special_tokens"].split(",") if s]
     t0 = time.perf_counter()
     if command == "train":
@@ -725,8 +746,6 @@ def main(argv: list[str]) -> None:
         print(f"{o['input']}: {num_bytes:,} bytes -> {num_tokens:,} tokens = {num_bytes / max(num_tokens, 1):.3f} "
               f"bytes/token; encode {num_bytes / seconds / 1e6:.2f} MB/s (one process, incl. reading)")
     else:
-        if os.path.isdir(o["out"]) or os.path.exists(o["out"]) and os.path.samefile(o["input"], o["out"]):
-            raise ValueError(f"--out={o['out']} is a directory or the input file; name a new file for the tokens")
         os.makedirs(os.path.dirname(o["out"]) or ".", exist_ok=True)
         num_tokens = encode_file(o["input"], o["out"], o["tokenizer"], specials, int(o["num_workers"]))
         print(f"wrote {num_tokens:,} tokens to {o['out']} in {time.perf_counter() - t0:.1f}s")

@@ -3,12 +3,15 @@
     python data.py config/owt.py        # train the tokenizer (if missing) and tokenize train/val data once
 
 A .bin file is a flat array of little-endian uint16 token ids (vocab <= 65,536). Beside it, `<file>.bin.json`
-caches the largest id so the vocab check reads the file only once (keyed by file size and mtime). The .bin made
-from a text is tokenizer_dir/<name>-<hash>.bin, the hash that of the text's full path, so data/train/text.txt and
-data/val/text.txt never share one (a cache named <name>.bin, by older versions, is not used: tokenized once more).
+caches the largest id so the vocab check reads the file only once, and for a .bin made from a text, that text and
+the size and mtime_ns of the text and tokenizer files it was made from; the sidecar counts only while the .bin
+has the size and mtime_ns it records. The .bin made from a text is tokenizer_dir/<name>-<hash>.bin, the hash that
+of the text's full path, so data/train/text.txt and data/val/text.txt never share one (a cache of older versions,
+named <name>.bin or without that record, is not used: tokenized once more).
 Preparation can be stopped at any point and run again: every file is written as `<name>.tmp` and renamed when
-complete, so a finished file is never partial; a tokenizer directory lacking vocab.json or merges.txt is
-trained again, and a .bin older than its text or tokenizer is tokenized again (over any stale .tmp).
+complete, so a finished file is never partial; a tokenizer directory with merges.txt but no vocab.json (a save cut
+between its renames) is trained again, and a .bin whose text or tokenizer files differ from its record (replaced,
+even by an older file) is tokenized again (over any stale .tmp).
 """
 import fcntl
 import hashlib
@@ -70,7 +73,9 @@ def check_length(path: str, tokens: np.ndarray | torch.Tensor, context_length: i
     its config key: train.py calls this before it writes anything. Example: 10 tokens, context_length 16 -> error."""
     if len(tokens) <= context_length:
         shorter = f" or set context_length to at most {len(tokens) - 1}" if len(tokens) > 1 else ""
-        raise ValueError(f"{path} ({key}) has {len(tokens):,} tokens, fewer than context_length + 1 = "
+        text = _sidecar(path).get("text")  # a cache made by prepare: name the user's text, not the cache
+        name = f"{text} ({key}, tokenized into {path})" if text else f"{path} ({key})"
+        raise ValueError(f"{name} has {len(tokens):,} tokens, fewer than context_length + 1 = "
                          f"{context_length + 1:,}; point {key} at a longer text{shorter}")
 
 
@@ -97,8 +102,11 @@ def load_tokens(path: str, vocab_size: int) -> np.memmap:
     _check_file(path)
     size = os.path.getsize(path)
     if size == 0 or size % 2:
-        raise ValueError(f"{path} has {size} bytes, not a whole number of uint16 tokens (truncated or not a "
-                         "token file); delete it and re-run to tokenize again")
+        text = _sidecar(path, current=False).get("text")  # a cache made by prepare, damaged since: make it again
+        fix = (f"delete it and run again to tokenize {text} again" if text else "point train_data/val_data at a "
+               "complete token file, or at the raw text to tokenize it")
+        raise ValueError(f"{path} has {size} bytes, {'no' if size == 0 else 'not a whole number of'} uint16 "
+                         f"tokens (truncated or not a token file); {fix}")
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
     max_id = _max_token_id(path, tokens)
     if max_id >= vocab_size:
@@ -109,24 +117,40 @@ def load_tokens(path: str, vocab_size: int) -> np.memmap:
 
 def _max_token_id(path: str, tokens: np.ndarray, chunk: int = 1 << 24) -> int:
     """Largest id in the file, read from the JSON sidecar when it matches the file's size and mtime."""
+    meta = _sidecar(path)
+    if type(meta.get("max_id")) is not int:  # no usable sidecar: compute it, with bounded memory
+        meta["max_id"] = max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
+        _write_sidecar(path, {**meta, "num_tokens": len(tokens)})
+    return meta["max_id"]
+
+
+def _stamp(path: str) -> dict[str, int]:
+    """Size and mtime_ns of path: what the sidecar compares to tell one version of a file from another."""
     stat = os.stat(path)
-    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    sidecar = path + ".json"
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _sidecar(path: str, current: bool = True) -> dict:
+    """What path + '.json' records about the .bin path; {} when it is missing or unreadable, or (current) when it
+    was written for another version of the file."""
     try:
-        with open(sidecar) as f:
+        with open(path + ".json") as f:
             meta = json.load(f)
-        if {k: meta.get(k) for k in key} == key:
-            return int(meta["max_id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no usable sidecar: compute the max below
-    max_id = max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))  # bounded memory
+        if isinstance(meta, dict) and (not current or {k: meta.get(k) for k in ("size", "mtime_ns")} == _stamp(path)):
+            return meta
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
+def _write_sidecar(path: str, meta: dict) -> None:
+    """Write meta and path's _stamp to path + '.json', atomically; not at all where that cannot be written (a
+    read-only data directory): the sidecar only saves work, the .bin's own checks have already run."""
     try:
-        with open(sidecar + ".tmp", "w") as f:
-            json.dump({**key, "max_id": max_id, "num_tokens": len(tokens)}, f)
-        os.replace(sidecar + ".tmp", sidecar)
+        with bpe.atomic_write(path + ".json") as f:
+            json.dump({**meta, **_stamp(path)}, f)
     except OSError:
-        pass  # read-only data directory: the cache is an optimisation, the check above already ran
-    return max_id
+        pass
 
 
 def _check_file(path: str) -> None:
@@ -164,13 +188,14 @@ def prepare(text_path: str, tokenizer_dir: str, special_tokens: tuple[str, ...] 
             num_workers: int | None = None) -> str:
     """Tokenize text_path (.txt or .txt.gz) once into token_cache_path(text_path, tokenizer_dir); return that path.
 
-    The .bin is reused while it is newer than the text and the tokenizer files. bpe.encode_file writes to a
+    The .bin is reused while the text and the tokenizer files have the size and mtime_ns its sidecar recorded when
+    it was made (a text replaced by an older one, as by cp -p or tar, is caught). bpe.encode_file writes to a
     temporary file and renames it, so an interrupted run never leaves a partial file under the final name.
     """
     _check_file(text_path)
     bin_path = token_cache_path(text_path, tokenizer_dir)
-    sources = [text_path, os.path.join(tokenizer_dir, "vocab.json"), os.path.join(tokenizer_dir, "merges.txt")]
-    if os.path.isfile(bin_path) and all(os.path.getmtime(bin_path) >= os.path.getmtime(s) for s in sources):
+    sources = [_stamp(p) for p in (text_path, *(os.path.join(tokenizer_dir, n) for n in ("vocab.json", "merges.txt")))]
+    if _sidecar(bin_path).get("sources") == sources:  # stamped before encoding: a change during it is seen next run
         return bin_path
     stale = " (replacing the partial .tmp of an interrupted run)" if os.path.exists(bin_path + ".tmp") else ""
     print(f"tokenizing {text_path} -> {bin_path}{stale}")
@@ -180,6 +205,7 @@ def prepare(text_path: str, tokenizer_dir: str, special_tokens: tuple[str, ...] 
     if n == 0:  # an empty .bin would be refused later with advice (tokenize again) that gives it again
         os.remove(bin_path)
         raise ValueError(f"{text_path} holds no text; point train_data/val_data at a file with text in it")
+    _write_sidecar(bin_path, {"text": os.path.abspath(text_path), "sources": sources})
     print(f"wrote {n:,} tokens to {bin_path}")
     return bin_path
 
@@ -203,11 +229,14 @@ def prepare_splits(paths: list[str], tokenizer_dir: str, vocab_size: int,
 def _prepare_locked(paths: list[str], tokenizer_dir: str, vocab_size: int,
                     special_tokens: tuple[str, ...]) -> list[str]:
     missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(tokenizer_dir, f))]
+    if missing == ["merges.txt"]:  # not what a cut save leaves (see bpe.Tokenizer.save): not ours to replace
+        raise FileNotFoundError(f"tokenizer_dir={tokenizer_dir} holds vocab.json but no merges.txt; restore "
+                                "merges.txt, or delete the directory to train a new tokenizer there")
     if missing:
         if paths[0].endswith(".bin"):
             raise FileNotFoundError(f"no tokenizer in {tokenizer_dir} to tokenize {paths[1]}; point tokenizer_dir "
                                     f"at the tokenizer that made {paths[0]}, or pass raw text for both")
-        half = f" ({missing[0]} is missing: an interrupted run?)" if len(missing) == 1 else ""
+        half = " (vocab.json is missing: an interrupted run)" if len(missing) == 1 else ""
         print(f"training a {vocab_size:,}-token BPE tokenizer on {paths[0]} -> {tokenizer_dir}{half}")
         bpe.train_tokenizer(paths[0], vocab_size, tokenizer_dir, tuple(special_tokens))
     tokenizer_vocab = bpe.load_tokenizer(tokenizer_dir, tuple(special_tokens)).vocab_size

@@ -476,19 +476,35 @@ def test_bpe_bad_inputs():
         os.mkdir(out_dir)
         with open(os.path.join(out_dir, "vocab.json"), "w") as f:
             f.write("keep")
-        runs = [_bpe_cli("train", f"--input={path}", "--vocab_size=256", f"--out_dir={out_dir}"),
-                _bpe_cli("train", f"--input={tmp}/missing.txt", "--vocab_size=300", f"--out_dir={out_dir}"),
-                _bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--colour=red"),
-                _bpe_cli("stats", f"--tokenizer={tmp}", f"--input={path}"),  # tmp holds the last bad files
-                _bpe_cli("encode", f"--tokenizer={out_dir}", f"--input={path}", f"--out={tmp}/o.bin")]
-        for run in runs:
+        ckpt = _bpe_write(os.path.join(tmp, "ckpt.pt"), "weights")  # encode may replace only a .bin
+        force = "--force=True"  # past the tokenizer already in out_dir, to the check each run is about
+        runs = [(_bpe_cli("train", f"--input={path}", "--vocab_size=256", f"--out_dir={out_dir}", force), "257"),
+                (_bpe_cli("train", f"--input={tmp}/missing.txt", "--vocab_size=300", f"--out_dir={out_dir}", force),
+                 "missing.txt"),
+                (_bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--colour=red"),
+                 "--colour"),
+                (_bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}"),
+                 f"--out_dir={out_dir} already holds a tokenizer (vocab.json); pick another --out_dir, or pass "
+                 "--force=True"),
+                (_bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--force=yes"),
+                 "--force must be True or False"),
+                (_bpe_cli("stats", f"--tokenizer={tmp}", f"--input={path}"), "vocab.json"),  # the last bad files
+                (_bpe_cli("encode", f"--tokenizer={out_dir}", f"--input={path}", f"--out={tmp}/o.bin"), "merges.txt not"),
+                (_bpe_cli("encode", f"--tokenizer={tmp}", f"--input={path}", f"--out={ckpt}"),
+                 f"--out={ckpt} exists and is not a .bin token file"),
+                (_bpe_cli("encode", f"--tokenizer={tmp}", f"--input={path}", f"--out={out_dir}"), "is a directory")]
+        for run, words in runs:
             assert run.returncode == 2 and run.stdout == "", run
-            assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
-        with open(os.path.join(out_dir, "vocab.json")) as f:
-            assert f.read() == "keep"
-        ok = _bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--num_workers=1")
+            assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and words in run.stderr, run.stderr
+        with open(os.path.join(out_dir, "vocab.json")) as f, open(ckpt) as g:
+            assert f.read() == "keep" and g.read() == "weights"
+        ok = _bpe_cli("train", f"--input={path}", "--vocab_size=300", f"--out_dir={out_dir}", "--num_workers=1", force)
         assert ok.returncode == 0 and "longest tokens" in ok.stdout, ok.stderr
-        assert bpe.load_tokenizer(out_dir).decode(bpe.load_tokenizer(out_dir).encode("some text")) == "some text"
+        tok = bpe.load_tokenizer(out_dir)
+        assert tok.decode(tok.encode("some text")) == "some text"
+        old_bin = _bpe_write(os.path.join(tmp, "old.bin"), "an earlier token file")
+        ok = _bpe_cli("encode", f"--tokenizer={out_dir}", f"--input={path}", f"--out={old_bin}", "--num_workers=1")
+        assert ok.returncode == 0 and np.fromfile(old_bin, dtype="<u2").tolist() == tok.encode("some text"), ok.stderr
 
 
 def test_bpe_docstring_examples():
@@ -1090,6 +1106,17 @@ def test_load_tokens_refuses_odd_bytes_and_out_of_range_ids():
             assert False, "odd byte count accepted"
         except ValueError as e:
             assert path in str(e) and "3 bytes" in str(e) and "\n" not in str(e)
+        text = _bpe_write(os.path.join(root, "t.txt"), _bpe_corpus(0, 30))
+        with contextlib.redirect_stdout(io.StringIO()):
+            cache = data.prepare_splits([text, text], os.path.join(root, "tok"), 300)[0]
+        for name in (path, cache):  # a .bin of the user's, then a cache that prepare made from text
+            open(name, "wb").close()
+            try:
+                data.load_tokens(name, 300)
+                assert False, "an empty token file accepted"
+            except ValueError as e:
+                fix = f"delete it and run again to tokenize {text} again" if name == cache else "point train_data"
+                assert str(e).startswith(f"{name} has 0 bytes, no uint16 tokens") and fix in str(e), e
         np.array([1, 2, 700, 3], dtype="<u2").tofile(path)
         try:
             data.load_tokens(path, 512)
@@ -3057,7 +3084,7 @@ def test_bench_times_the_step_train_py_runs():
 # The repository: from-scratch rule and size budget
 # ----------------------------------------------------------------------------------------------------
 
-_REPO_LINE_BUDGET = {"bpe.py": 760, "model.py": 560, "optim.py": 130, "data.py": 250, "configurator.py": 230,
+_REPO_LINE_BUDGET = {"bpe.py": 760, "model.py": 560, "optim.py": 130, "data.py": 270, "configurator.py": 230,
                      "train.py": 960, "checkpoint.py": 130, "sample.py": 170, "kernels.py": 640, "bench.py": 520,
                      "plot.py": 320, "hf.py": 450, "export.py": 60}
 _REPO_ALLOWED = {"torch.nn": {"Parameter", "Module", "ModuleList", "ModuleDict", "init"}, "torch.optim": {"Optimizer"}}
@@ -3680,6 +3707,58 @@ def test_careless_two_texts_with_one_name_get_their_own_caches():
         assert data.token_cache_path(same_file, "t") == data.token_cache_path(paths[1], "t")
 
 
+def test_careless_text_replaced_by_an_older_file_is_tokenized_again():
+    """The cache was reused while it was newer than its text: a text replaced by a different one with an older mtime
+    (cp -p, tar x, rsync -t) kept its stale tokens. Now the text's size and mtime_ns recorded beside the .bin decide."""
+    with tempfile.TemporaryDirectory() as root:
+        paths = [_bpe_write(os.path.join(root, f"{split}.txt"), _bpe_corpus(seed, 30))
+                 for seed, split in enumerate(("train", "val"))]
+        tok_dir = os.path.join(root, "tok")
+        with contextlib.redirect_stdout(io.StringIO()):
+            bins = data.prepare_splits(paths, tok_dir, 300)
+        made = os.stat(bins[1]).st_mtime_ns
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert data.prepare_splits(paths, tok_dir, 300) == bins and os.stat(bins[1]).st_mtime_ns == made
+        new_text = _bpe_corpus(7, 30)
+        _bpe_write(paths[1], new_text)
+        os.utime(paths[1], ns=(made - 10**12, made - 10**12))  # 1000 s older than the cache it replaces
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            assert data.prepare_splits(paths, tok_dir, 300) == bins
+        assert said.getvalue().count("tokenizing") == 1 and paths[1] in said.getvalue(), said.getvalue()
+        assert np.fromfile(bins[1], dtype="<u2").tolist() == bpe.load_tokenizer(tok_dir).encode(new_text)
+
+
+def test_careless_tokenizer_dir_with_vocab_json_but_no_merges_txt_refused():
+    """A lone vocab.json was retrained over (with a note on stdout) as if an interrupted run had left it; a cut save
+    leaves the other half (bpe.Tokenizer.save renames merges.txt first), so a lone vocab.json is the user's."""
+    with tempfile.TemporaryDirectory() as root:
+        text = _bpe_write(os.path.join(root, "t.txt"), _bpe_corpus(0, 30))
+        tok = bpe.Tokenizer(*bpe.train_bpe(text, 300, [_BPE_EOT], 1), [_BPE_EOT])
+        tok_dir, replace = os.path.join(root, "tok"), os.replace
+        os.mkdir(tok_dir)
+
+        def cut_after_first_rename(src, dst):
+            if dst.endswith("vocab.json"):
+                raise KeyboardInterrupt  # the save is stopped between its two renames
+            replace(src, dst)
+
+        os.replace = cut_after_first_rename
+        try:
+            tok.save(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            os.replace = replace
+        assert sorted(os.listdir(tok_dir)) == ["merges.txt"]  # the state data.py trains again over
+        os.remove(os.path.join(tok_dir, "merges.txt"))
+        _bpe_write(os.path.join(tok_dir, "vocab.json"), "mine")
+        code, out, err = _careless_cli("data.py", [f"--train_data={text}", f"--val_data={text}",
+                                                   f"--tokenizer_dir={tok_dir}", "--vocab_size=300"])
+        _careless_one_line(code, err, f"tokenizer_dir={tok_dir} holds vocab.json but no merges.txt", "restore")
+        assert sorted(os.listdir(tok_dir)) == [".lock", "vocab.json"] and open(f"{tok_dir}/vocab.json").read() == "mine"
+
+
 def test_careless_short_empty_and_missing_data_named_with_their_key():
     with tempfile.TemporaryDirectory() as root:
         short = os.path.join(root, "short.bin")
@@ -3693,6 +3772,15 @@ def test_careless_short_empty_and_missing_data_named_with_their_key():
             except ValueError as e:
                 assert "short.bin" in str(e) and "val_data" in str(e) and "at most 9" in str(e), e
         data.check_length(short, tokens, 9, "val_data")  # 10 tokens make one window of 9 + 1
+        short_txt = _bpe_write(os.path.join(root, "short.txt"), "a few words")
+        with contextlib.redirect_stdout(io.StringIO()):
+            cache = data.prepare_splits([_bpe_write(os.path.join(root, "t.txt"), _bpe_corpus(0, 30)), short_txt],
+                                        os.path.join(root, "tok0"), 300)[1]
+        try:
+            data.check_length(cache, data.load_tokens(cache, 300), 16, "val_data")
+            raise AssertionError("a short text accepted")
+        except ValueError as e:  # the user's text first, the cache only as where its tokens are
+            assert str(e).startswith(f"{short_txt} (val_data, tokenized into {cache}) has "), e
         train_txt = _bpe_write(os.path.join(root, "train.txt"), _bpe_corpus(0, 30))
         empty = _bpe_write(os.path.join(root, "empty.txt"), "")
         blocker = _bpe_write(os.path.join(root, "file"), "x")
