@@ -1231,27 +1231,32 @@ def test_resume_gives_bitwise_the_same_run():
         _pipeline_assert_same_params(whole["model"], resumed["model"])
 
 
+def _stopped_by(cfg, signum):
+    """train.main(cfg), sent signum once log.csv holds steps 0..3 -> its result, after checking it saved there."""
+    log = os.path.join(cfg["out_dir"], "log.csv")
+    finished = threading.Event()
+
+    def interrupt_after_three_rows():
+        while not os.path.exists(log) or sum(1 for _ in open(log)) < 5:  # header and steps 0..3
+            if finished.wait(0.01):
+                return  # main() ended on its own (a failure): never signal the test runner
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=interrupt_after_three_rows, daemon=True).start()
+    try:
+        stopped = train.main(cfg)
+    finally:
+        finished.set()
+    assert stopped["status"] == "interrupted" and 3 <= stopped["step"] < 1000
+    assert train.read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))["iteration"] == stopped["step"]
+    return stopped
+
+
 def test_ctrl_c_saves_and_resume_continues_exactly():
     with tempfile.TemporaryDirectory() as root:
         cfg = _pipeline_cfg(root, max_iters=100000, eval_interval=1000, cosine_iters=100000)
-        log = os.path.join(cfg["out_dir"], "log.csv")
-
-        finished = threading.Event()
-
-        def interrupt_after_three_rows():
-            while not os.path.exists(log) or sum(1 for _ in open(log)) < 5:  # header and steps 0..3
-                if finished.wait(0.01):
-                    return  # main() ended on its own (a failure): never signal the test runner
-            os.kill(os.getpid(), signal.SIGINT)
-
-        threading.Thread(target=interrupt_after_three_rows, daemon=True).start()
-        try:
-            stopped = train.main(cfg)
-        finally:
-            finished.set()
-        assert stopped["status"] == "interrupted" and 3 <= stopped["step"] < 1000
-        ckpt = train.read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
-        assert ckpt["iteration"] == stopped["step"]
+        _stopped_by(dict(cfg, out_dir=os.path.join(root, "hangup")), signal.SIGHUP)  # a closed terminal saves too
+        stopped = _stopped_by(cfg, signal.SIGINT)
         end = stopped["step"] + 3
         resumed = train.main(dict(cfg, max_iters=end, resume=True))
         whole = train.main(dict(cfg, max_iters=end, out_dir=os.path.join(root, "whole")))

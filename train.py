@@ -402,17 +402,20 @@ def memory_report(model: TransformerLM, batch_size: int, dtype: torch.dtype, dev
 
 @contextlib.contextmanager
 def stop_on_signal():
-    """While training, Ctrl-C and SIGTERM only set a flag: the loop finishes its step (or evaluation batch), saves
-    and exits cleanly."""
+    """While training, Ctrl-C, SIGTERM and SIGHUP (the terminal or ssh session closed) only set a flag: the loop
+    finishes its step (or evaluation batch), saves and exits cleanly."""
     requested = []
 
     def handler(signum, frame):
         if requested:  # a second Ctrl-C quits at once, without saving
             raise KeyboardInterrupt
         requested.append(signum)
-        print("stopping at the next log line to save a checkpoint (Ctrl-C again to quit without saving)")
+        try:
+            print("stopping at the next log line to save a checkpoint (Ctrl-C again to quit without saving)")
+        except OSError:  # SIGHUP: the terminal may be gone; save all the same
+            pass
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield requested
     finally:
