@@ -34,7 +34,7 @@ import data
 from bpe import atomic_write, hms
 from checkpoint import checkpoint_tokenizer, load_checkpoint, read_checkpoint, save_checkpoint
 from configurator import check_known, configure, overrides, run_cli, typed
-from model import KERNEL_OPS, MODEL_KEYS, TransformerLM, format_preflight, model_config
+from model import KERNEL_OPS, MODEL_KEYS, TransformerLM, accounting, format_preflight, model_config
 from optim import AdamW, clip_grad_norm, cosine_lr
 
 _names_before_config = set(globals())
@@ -493,6 +493,25 @@ class LossScaler:
         self.scale, self.good_steps = state["scale"], state["good_steps"]
 
 
+def check_fits(cfg: dict, flags: dict, dev: torch.device) -> None:
+    """Weights, gradients, AdamW's moments (model.py's exact count) and the step's int64 batch fit the device's
+    memory: a d_model or grad_accum_steps typed with extra zeros is one line, not an allocator traceback or the
+    kernel's OOM killer."""
+    if dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev).total_memory
+    elif dev.type == "cpu" and hasattr(os, "sysconf"):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    memory = accounting(flags)["memory"]["fp32"]
+    batch = 2 * 8 * cfg["batch_size"] * cfg["grad_accum_steps"] * (flags["context_length"] + 1)  # x and y, int64
+    state = memory["params"] + memory["grads"] + memory["adam"]
+    if state + batch > total:
+        raise MemoryError(f"the model's weights, gradients and AdamW state ({state / 2**30:,.1f} GiB, "
+                          f"model.py) and a step's batch ({batch / 2**30:,.1f} GiB) are more than the {dev.type}'s "
+                          f"{total / 2**30:,.0f} GiB; lower d_model, num_layers, batch_size or grad_accum_steps")
+
+
 def build(cfg: dict, flags: dict, dev: torch.device) -> tuple[TransformerLM, AdamW]:
     """The model (from `seed`) and AdamW: matrices decay, norm gains do not; multi-tensor updates on CUDA."""
     torch.manual_seed(cfg["seed"])
@@ -724,6 +743,7 @@ def start(cfg: dict, given: set) -> Run:
     if new_tokenizer is not None and rank == 0:
         os.makedirs(cfg["tokenizer_dir"], exist_ok=True)
         new_tokenizer.save(*(os.path.join(cfg["tokenizer_dir"], f) for f in ("vocab.json", "merges.txt")))
+    check_fits(cfg, flags, dev)
     bins = prepare_data(cfg, rank, world, prep_group, imported.vocab_size if imported else cfg["vocab_size"])
     tokens = [data.load_tokens(path, cfg["vocab_size"]) for path in bins]
     val_starts = check_lengths(cfg, bins, tokens)
