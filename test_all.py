@@ -3004,6 +3004,20 @@ def test_kernels_bench_tiny_cpu():
         assert named in _error_of(lambda: bench.main(["--device=cpu", "--tiny", *bad])), bad
 
 
+def test_bench_gpu_check_off_cuda_refused_unless_tiny():
+    """--gpu_check on a CPU without --tiny ran the full model for over 10 minutes after its FAIL lines: refused at
+    once; with --tiny (the CPU smoke run) it goes on to the checks (stubbed here: they take minutes on a CPU)."""
+    checks = bench.gpu_check
+    bench.gpu_check = lambda cfg, device: {"ok": True, "ran_on": device.type, "tiny": cfg["tiny"]}
+    try:
+        assert "--tiny" in _error_of(lambda: bench.main(["--device=cpu", "--gpu_check"]))
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = bench.main(["--device=cpu", "--gpu_check", "--tiny"])
+    finally:
+        bench.gpu_check = checks
+    assert result["ok"] and result["ran_on"] == "cpu" and result["tiny"], result
+
+
 def test_bench_times_the_step_train_py_runs():
     """A bench path is a train.py setting: its per-step losses are those train.py logs with the same settings and
     tokens (read back from log.csv's debiased moving average), with accumulation and the schedule's warm-up."""
