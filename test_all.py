@@ -3838,6 +3838,8 @@ def test_careless_plot_and_model_cli():
         assert code == 0 and "'nope'" in err, err
     code, out, err = _careless_cli("model.py", ["--d_model=48", "--num_heads=4", "--learning_rate=1"])
     _careless_one_line(code, err, "'lr'")
+    for bad in ("--batch_size=0", "--batch_size=-1"):  # printed negative activation memory
+        _careless_one_line(*_careless_cli("model.py", [bad])[::2], bad[2:])
     assert _careless_cli("model.py", [os.path.join(_CARELESS_REPO, "config", "demo.py")])[0] == 0
 
 
