@@ -469,6 +469,9 @@ def main(argv: list[str]) -> dict:
         cfg.update({k: v for k, v in TINY.items() if f"--{k}=" not in " ".join(argv)})
     paths = check_bench_config(cfg)
     device = train.pick_device(cfg["device"], 0)
+    if cfg["gpu_check"] and device.type != "cuda" and not cfg["tiny"]:  # the full model on a CPU: over 10 minutes
+        raise ValueError(f"gpu_check=True needs a CUDA device, not {device}; run it on a GPU, or add --tiny for "
+                         "the small smoke run")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores, as the peer does

@@ -478,6 +478,8 @@ def accounting(cfg: dict, batch_size: int = 1) -> dict:
     Example: the TinyStories model (V=10000, T=256, d=512, 4 layers, d_ff=1344) has 22,696,448 parameters and
     37,240,832 forward FLOPs per token.
     """
+    if batch_size < 1:  # negative activation memory otherwise
+        raise ValueError(f"batch_size={batch_size} is not allowed; use a positive integer")
     c = model_config(**{key: cfg[key] for key in MODEL_KEYS if key in cfg})
     V, T, d, L, H, f = (c[k] for k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"))
     d_head = d // H

@@ -7,7 +7,9 @@
 The tokenizer and its special tokens are the run's, as its checkpoint records them; a sample stops at the first
 special token (the run's document separator), and a prompt may hold any of them.
 """
+import contextlib
 import os
+import sys
 import time
 
 import torch
@@ -24,7 +26,7 @@ DEFAULTS = {
     "out_dir": train.DEFAULTS["out_dir"],  # directory holding ckpt.pt (written by train.py)
     "init_from": "",  # '' = out_dir/ckpt.pt; 'hf:PATH' = a local Hugging Face Llama/Qwen3 directory (see hf.py)
     "prompt": "Once upon a time",  # text the samples continue
-    "temperature": 0.8,  # 0 = greedy; below 1 sharpens, above 1 flattens the distribution
+    "temperature": 0.8,  # 0 (or below 1e-38) = greedy; below 1 sharpens, above 1 flattens the distribution
     "top_p": 0.95,  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)
     "max_new_tokens": 256,  # tokens generated per sample (fewer if the run's document separator comes first)
     "num_samples": 3,  # samples printed
@@ -41,14 +43,20 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     """
     sorted_probs, order = probs.sort(descending=True)
     mass_before = torch.cat((sorted_probs.new_zeros(1), sorted_probs.cumsum(0)[:-1]))  # of the tokens ranked above
-    sorted_probs[mass_before >= top_p] = 0  # those above already reach top_p; the most likely token always stays
+    drop = mass_before >= top_p  # those above already reach top_p
+    drop[0] = False  # the most likely token always stays, also when a tiny top_p rounds to 0 in float32
+    sorted_probs[drop] = 0
     kept = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return kept / kept.sum()
 
 
 def next_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Pick a token from logits (vocab,): argmax if temperature is 0, else sample the nucleus of softmax(logits / T)."""
-    if temperature == 0:
+    """Pick a token from logits (vocab,): argmax if temperature is 0, else sample the nucleus of softmax(logits / T).
+
+    A temperature below float32's smallest normal number (1.2e-38) is greedy too, the limit as T -> 0: divided by a
+    T that rounds to 0 in float32, the top logit would be 0 / 0 = nan.
+    """
+    if temperature < torch.finfo(torch.float32).tiny:
         return int(logits.argmax())
     logits = logits.float()
     probs = softmax((logits - logits.max()) / temperature, -1)  # shifted first: a tiny T gives -inf, never inf - inf
@@ -112,9 +120,12 @@ def time_decoding(model: TransformerLM, prompt_ids: list[int], max_new_tokens: i
 def load_model(ckpt_path: str, device: torch.device) -> tuple[TransformerLM, bpe.Tokenizer]:
     """Rebuild the model of a train.py checkpoint on device, in eval mode, and load its run's tokenizer."""
     ckpt = train.read_checkpoint(ckpt_path)  # FileNotFoundError, or a one-line ValueError for a damaged file
+    if "model_config" not in ckpt:  # a bare save_checkpoint of another module
+        raise ValueError(f"{ckpt_path} is not a train.py TransformerLM checkpoint (no model_config); sample a "
+                         "checkpoint train.py wrote, or a Hugging Face directory with --init_from=hf:PATH")
     try:
         model = TransformerLM(**ckpt["model_config"])
-    except (TypeError, KeyError) as e:
+    except TypeError as e:
         raise ValueError(f"{ckpt_path} does not fit this model.py ({type(e).__name__}: {e})") from None
     tokenizer_dir, special_tokens = checkpoint_tokenizer(ckpt, ckpt_path)
     tokenizer = bpe.load_tokenizer(tokenizer_dir, special_tokens)
@@ -126,7 +137,9 @@ def load_model(ckpt_path: str, device: torch.device) -> tuple[TransformerLM, bpe
 
 
 def main(argv: list[str]) -> None:
-    cfg = configure(DEFAULTS, argv)
+    help_asked = "--help" in argv or "-h" in argv
+    with contextlib.nullcontext() if help_asked else contextlib.redirect_stdout(sys.stderr):
+        cfg = configure(DEFAULTS, argv)  # the override echo goes to stderr: stdout holds only the samples
     for key in ("max_new_tokens", "num_samples"):
         if cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]} is not allowed; use a count of at least 1")

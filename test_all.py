@@ -3059,6 +3059,20 @@ def test_kernels_bench_tiny_cpu():
         assert named in _error_of(lambda: bench.main(["--device=cpu", "--tiny", *bad])), bad
 
 
+def test_bench_gpu_check_off_cuda_refused_unless_tiny():
+    """--gpu_check on a CPU without --tiny ran the full model for over 10 minutes after its FAIL lines: refused at
+    once; with --tiny (the CPU smoke run) it goes on to the checks (stubbed here: they take minutes on a CPU)."""
+    checks = bench.gpu_check
+    bench.gpu_check = lambda cfg, device: {"ok": True, "ran_on": device.type, "tiny": cfg["tiny"]}
+    try:
+        assert "--tiny" in _error_of(lambda: bench.main(["--device=cpu", "--gpu_check"]))
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = bench.main(["--device=cpu", "--gpu_check", "--tiny"])
+    finally:
+        bench.gpu_check = checks
+    assert result["ok"] and result["ran_on"] == "cpu" and result["tiny"], result
+
+
 def test_bench_times_the_step_train_py_runs():
     """A bench path is a train.py setting: its per-step losses are those train.py logs with the same settings and
     tokens (read back from log.csv's debiased moving average), with accumulation and the schedule's warm-up."""
@@ -3589,8 +3603,15 @@ def _careless_cli(target, argv, **env):
         os.environ.update(saved_env)
 
 
+def _careless_unechoed(err):
+    """stderr without configurator's echo of the settings, which sample.py sends there (stdout: only the samples)."""
+    return "".join(line for line in err.splitlines(True) if not line.startswith(("override: ", "config ")))
+
+
 def _careless_one_line(code, err, *words):
-    """Exit code 2 and one `error: ...` line holding every word (callers pass _careless_cli(...)[::2]: code, stderr)."""
+    """Exit code 2 and one `error: ...` line holding every word (callers pass _careless_cli(...)[::2]: code, stderr),
+    besides sample.py's echo of the settings."""
+    err = _careless_unechoed(err)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (code, err)
     assert "Traceback" not in err and all(w in err for w in words), (err, words)
 
@@ -3916,6 +3937,28 @@ def test_careless_sample_uses_the_runs_special_tokens_and_finds_its_tokenizer():
         _careless_one_line(*_careless_cli("sample.py", [f"--out_dir={root}"])[::2], "no checkpoint")
         logits = torch.tensor([0.0, 1.0, 3.0])
         assert sample_next_token(logits, 1e-30, 0.95, None) == 2  # a tiny temperature is greedy, not nan
+        assert sample_next_token(logits, 1e-50, 0.95, None) == 2  # 0 in float32: the top logit was 0 / 0 = nan
+        assert sample_next_token(logits, 1.0, 1e-300, None) == 2  # top_p 0 in float32 dropped every token: nan
+        bare = os.path.join(root, "bare")
+        os.mkdir(bare)
+        module = torch.nn.Module()
+        module.w = torch.nn.Parameter(torch.zeros(2))
+        train.save_checkpoint(module, AdamW(module.parameters()), 0, os.path.join(bare, "ckpt.pt"))
+        _careless_one_line(*_careless_cli("sample.py", [f"--out_dir={bare}"])[::2], "not a train.py TransformerLM "
+                           "checkpoint (no model_config)")
+
+
+def test_careless_sample_stdout_holds_only_samples():
+    """`python sample.py | head -1` is a sample's header: the override echo goes to stderr (--help stays on stdout).
+    A top_p that rounds to 0 in float32 keeps the most likely token instead of failing in torch.multinomial."""
+    with tempfile.TemporaryDirectory() as root:
+        out = _careless_run(root)
+        code, stdout, err = _careless_cli("sample.py", [f"--out_dir={out}", "--top_p=1e-300", "--temperature=1",
+                                                        "--num_samples=1", "--max_new_tokens=3", "--device=cpu"])
+        assert code == 0 and stdout.startswith("--- sample 1/1 ---\nOnce upon a time"), (code, stdout, err)
+        assert "override: top_p = 1e-300" in err and "override" not in stdout, (stdout, err)
+    code, stdout, err = _careless_cli("sample.py", ["--help"])
+    assert code == 0 and stdout.startswith("usage: python sample.py") and not err, (stdout, err)
 
 
 def test_careless_sample_ctrl_c_from_another_directory_exits_130():
@@ -3936,7 +3979,7 @@ def test_careless_sample_ctrl_c_from_another_directory_exits_130():
             err = said + proc.communicate(timeout=120)[1]
         finally:
             proc.kill()
-        assert proc.returncode == 130 and err == "interrupted\n", (proc.returncode, err)
+        assert proc.returncode == 130 and _careless_unechoed(err) == "interrupted\n", (proc.returncode, err)
 
 
 def test_careless_plot_and_model_cli():
@@ -3951,6 +3994,8 @@ def test_careless_plot_and_model_cli():
         assert code == 0 and "'nope'" in err, err
     code, out, err = _careless_cli("model.py", ["--d_model=48", "--num_heads=4", "--learning_rate=1"])
     _careless_one_line(code, err, "'lr'")
+    for bad in ("--batch_size=0", "--batch_size=-1"):  # printed negative activation memory
+        _careless_one_line(*_careless_cli("model.py", [bad])[::2], bad[2:])
     assert _careless_cli("model.py", [os.path.join(_CARELESS_REPO, "config", "demo.py")])[0] == 0
 
 
