@@ -1668,6 +1668,20 @@ def test_failing_run_leaves_the_previous_out_dir_byte_for_byte():
             assert snapshot() == before, bad
 
 
+def test_closed_stdout_silences_the_console_and_the_run_finishes():
+    repo = os.path.dirname(os.path.abspath(train.__file__))
+    with tempfile.TemporaryDirectory() as root:
+        cfg = _pipeline_cfg(root, max_iters=40, log_interval=1)
+        script = "import json, sys, train, configurator\nconfigurator.run_cli(lambda argv: train.main(json.loads(argv[0])) and 0)"
+        proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg)], cwd=repo, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        while not proc.stdout.readline().startswith("step 0:"):  # `| grep -m1 "step 0:"`: the reader leaves
+            pass
+        proc.stdout.close()
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        assert train.read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))["iteration"] == 40
+
+
 def test_out_dir_own_init_from_resume_past_the_end_and_a_broken_log_refused_before_writing():
     with tempfile.TemporaryDirectory() as root:
         cfg = _pipeline_cfg(root, max_iters=4)

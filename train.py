@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from typing import Callable
@@ -363,6 +364,14 @@ def kept_rows(path: str, keep_until: int) -> list[dict]:
     except (UnicodeDecodeError, csv.Error, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"resume=True: {path} is not a readable train.py log ({type(e).__name__}); move it away to "
                          "resume without its earlier rows") from None
+
+
+def console(*args, **kwargs) -> None:
+    """print, where a closed stdout (`python train.py | head`) silences the console instead of stopping the run."""
+    try:
+        print(*args, **kwargs, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest of the run's lines go nowhere
 
 
 def check_out_dir(path: str) -> None:
@@ -714,7 +723,7 @@ def start(cfg: dict, given: set) -> Run:
     """Check every input (config, starting point, tokenizer, data, the first step) before anything in out_dir is
     written, build the run, then write config.json, run.json and log.csv's header."""
     rank, local_rank, world, prep_group = setup_distributed(cfg["device"])
-    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    say = console if rank == 0 else (lambda *args, **kwargs: None)
     dev = pick_device(cfg["device"], local_rank)
     dtype, dtype_why = pick_dtype(cfg["dtype"], dev)
     if dev.type == "cuda":
