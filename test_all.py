@@ -1469,6 +1469,16 @@ def test_val_loss_independent_of_batch_size_and_its_bpb_by_hand():
         loss, bpb, stopped = train.evaluate(Constant(), val, np.array([0, 4]), lengths, cfg, torch.device("cpu"),
                                             contextlib.nullcontext(), 0, 1, [])
         assert loss == 2.0 and not stopped and math.isclose(bpb, 2.0 * 8 / math.log(2) / (2 * (2 + 3 + 13 + 1)))
+        # The byte lengths of a real tokenizer: the tokens of a text (special token, accents, emoji) sum to its bytes.
+        text = _bpe_write(os.path.join(root, "u.txt"), ("Ça va? naïve café 🙂 " * 30 + _BPE_EOT) * 5)
+        tok_dir = os.path.join(root, "utok")
+        with contextlib.redirect_stdout(io.StringIO()):
+            bpe.train_tokenizer(text, 300, tok_dir)
+        lengths = train.token_byte_lengths(dict(train.DEFAULTS, tokenizer_dir=tok_dir, vocab_size=300),
+                                           torch.device("cpu"))
+        raw = open(text, encoding="utf-8").read()
+        ids = bpe.load_tokenizer(tok_dir).encode(raw)
+        assert len(set(ids)) > 5 and len(ids) < len(raw) and int(lengths[ids].sum()) == len(raw.encode("utf-8"))
 
 
 def test_schedule_follows_overrides_of_a_config_file():
@@ -1595,6 +1605,19 @@ def test_float16_overflow_skips_the_step_and_resume_stays_exact():
     scale = train.LossScaler(True, scale=8.0, interval=2)
     assert scale.skip(torch.tensor(float("inf"))) and scale.scale == 4.0
     assert not scale.skip(torch.tensor(1.0)) and not scale.skip(torch.tensor(1.0)) and scale.scale == 8.0
+    # A scaled loss (2^10, exact in float32) is unscaled before clipping and AdamW: the same norm and the same step.
+    cfg = dict(train.DEFAULTS, grad_accum_steps=2, grad_clip=0.5, z_loss=0.0)
+    x, y = torch.randint(0, 32, (4, 8)), torch.randint(0, 32, (4, 8))
+    steps = []
+    for scaler in (train.LossScaler(False), train.LossScaler(True, scale=2.0**10)):
+        torch.manual_seed(0)
+        lm = TransformerLM(32, 8, 16, 1, 2, d_ff=32)
+        stats = train.train_step(lm, lm.loss, AdamW(lm.parameters(), lr=1e-2), x, y, 1e-2, cfg, contextlib.nullcontext(),
+                                 scaler, world=1)
+        steps.append((stats[3].item(), [p.detach().clone() for p in lm.parameters()]))
+    (norm, weights), (scaled_norm, scaled_weights) = steps
+    assert norm > 0.5 and math.isclose(scaled_norm, norm, rel_tol=1e-6), (norm, scaled_norm)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(weights, scaled_weights))
     pick_dtype, init = train.pick_dtype, train.LossScaler.__init__
     train.pick_dtype = lambda name, dev: (torch.float16, "test: float16 autocast on the CPU")
     train.LossScaler.__init__ = lambda self, enabled: init(self, enabled, scale=2.0**40)  # gradients overflow first
