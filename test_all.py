@@ -57,6 +57,13 @@ from optim import AdamW, clip_grad_norm, cosine_lr
 from sample import generate, next_token as sample_next_token, top_p_filter
 
 
+def slow(test):
+    """Mark a test that starts processes, injects faults or compiles ahead of time: `python test_all.py faults` runs
+    these, the plain `python test_all.py` the rest (CI runs both), so the everyday command stays short."""
+    test.slow = True
+    return test
+
+
 class Skipped(Exception):
     """Raised by a test that cannot run here (an optional extra is absent); the runner counts it as skipped."""
 
@@ -1373,6 +1380,7 @@ def _two_gloo_ranks(argv_of_rank, **popen) -> list[subprocess.Popen]:
             for r in range(2)]
 
 
+@slow
 def test_ddp_two_gloo_processes_match_one_process_on_the_concatenated_batch():
     with tempfile.TemporaryDirectory() as root:
         steps = 3
@@ -1525,6 +1533,7 @@ def test_grad_accumulation_equals_the_big_batch_and_resumes_exactly():
         _pipeline_assert_same_params(acc["model"], resumed["model"])
 
 
+@slow
 def test_ddp_accumulation_one_all_reduce_per_step_and_the_same_val_loss_on_two_ranks():
     worker = ("import json, sys, torch, torch.distributed as d, train; cfg = json.loads(sys.argv[1]); n = [0]\n"
               "reduce = d.all_reduce\n"
@@ -1691,6 +1700,7 @@ def test_failing_run_leaves_the_previous_out_dir_byte_for_byte():
             assert snapshot() == before, bad
 
 
+@slow
 def test_closed_stdout_silences_the_console_and_the_run_finishes():
     repo = os.path.dirname(os.path.abspath(train.__file__))
     with tempfile.TemporaryDirectory() as root:
@@ -1752,6 +1762,7 @@ def test_two_runs_started_together_prepare_the_data_once():
         assert np.fromfile(os.path.join(tok, bins[0]), dtype="<u2").tolist() == ids
 
 
+@slow
 def test_out_of_memory_at_the_first_step_is_one_line_and_writes_nothing():
     repo = os.path.dirname(os.path.abspath(train.__file__))
     with tempfile.TemporaryDirectory() as root:
@@ -1767,6 +1778,7 @@ def test_out_of_memory_at_the_first_step_is_one_line_and_writes_nothing():
             "grad_accum_steps" in proc.stderr and not os.path.exists(cfg["out_dir"])
 
 
+@slow
 def test_ddp_rank_0_failing_to_prepare_data_stops_every_rank_with_one_line():
     with tempfile.TemporaryDirectory() as root:
         with open(os.path.join(root, "train.txt"), "w") as f:
@@ -2082,6 +2094,7 @@ def _faults_alive(pids):
 
 # --- Training killed, disk failing, inputs corrupt --------------------------------------------------------------------
 
+@slow
 def test_faults_sigkill_at_random_points_resumes_exactly():
     """SIGKILL training at random steps (and during start-up), resume from ckpt.pt each time, until the run finishes.
     After every kill ckpt.pt is absent (none written yet) or a complete checkpoint no older than before, config.json
@@ -2127,6 +2140,7 @@ def test_faults_sigkill_at_random_points_resumes_exactly():
               f"starts: {resumed_from}")
 
 
+@slow
 def test_faults_sigkill_while_writing_a_checkpoint_keeps_the_previous_one():
     """Kill a run halfway through writing a checkpoint: ckpt.pt is the previous complete one (absent before the first),
     the half-written ckpt.pt.tmp is never loaded and is replaced by the next save, and the resumed run is exact."""
@@ -2154,6 +2168,7 @@ def test_faults_sigkill_while_writing_a_checkpoint_keeps_the_previous_one():
         _faults_assert_same_run(cfg["out_dir"], reference["out_dir"])
 
 
+@slow
 def test_faults_full_disk_or_unwritable_out_dir_reported_and_last_checkpoint_kept():
     """A checkpoint write that fails (file size limit: EFBIG, as a full disk gives ENOSPC; or the directory refusing
     new files: EACCES) ends the CLI with one `error:` line and exit code 2; ckpt.pt keeps the previous step's bytes,
@@ -2194,6 +2209,7 @@ def test_faults_full_disk_or_unwritable_out_dir_reported_and_last_checkpoint_kep
         _faults_assert_same_run(cfg["out_dir"], reference["out_dir"])
 
 
+@slow
 def test_faults_corrupt_token_files_refused_by_the_cli_and_nothing_overwritten():
     """Token files with an odd byte count, no bytes, or ids beyond vocab_size stop `python train.py` before it writes
     anything: one `error:` line naming the file and the problem, exit code 2, out_dir unchanged byte for byte."""
@@ -2223,6 +2239,7 @@ def test_faults_corrupt_token_files_refused_by_the_cli_and_nothing_overwritten()
             assert snapshot() == before
 
 
+@slow
 def test_faults_killed_data_preparation_restarts_cleanly():
     """Kill `prepare_splits` while it writes train.bin (pool workers mid-chunk), and delete vocab.json as a tokenizer
     save cut between its two renames would: the killed run leaves no train.bin, its workers exit, and running again
@@ -2279,6 +2296,7 @@ def test_faults_killed_data_preparation_restarts_cleanly():
         assert not [name for name in os.listdir(tok_dir) if name.endswith(".tmp")]
 
 
+@slow
 def test_faults_resume_on_two_ranks_from_a_one_rank_checkpoint():
     """A run checkpointed by one process continues on two (gloo): rank 0 keeps its data stream, rank 1 adds its own,
     the two stay identical, and each step equals one process stepping on both ranks' batches concatenated."""
@@ -2326,6 +2344,7 @@ def test_faults_resume_on_two_ranks_from_a_one_rank_checkpoint():
             assert torch.allclose(p, ranks[0][name], rtol=1e-4, atol=1e-6), (name, (p - ranks[0][name]).abs().max())
 
 
+@slow
 def test_faults_batch_stream_depends_on_seed_rank_and_step():
     """Each (seed, rank, step) draws its own training batch, the same one every time: ranks must not train on copies
     of one batch, and a second seed must see other data. (torch's CPU generator keeps only a seed's low 32 bits.)"""
@@ -2343,6 +2362,7 @@ def test_faults_batch_stream_depends_on_seed_rank_and_step():
 
 # --- OpenWebText configs and data preparation at scale ---------------------------------------------------------------
 
+@slow
 def test_faults_owt_configs_train_on_a_small_slice():
     """config/owt.py and config/owt_leaderboard.py run end to end on CPU with their own flags, shrunk in size only
     (data, tokenizer, widths, steps) through --key=value, and the leaderboard recipe keeps its stated budget."""
@@ -2375,6 +2395,7 @@ def test_faults_owt_configs_train_on_a_small_slice():
         assert acc["memory"]["bf16"]["total"] < 70 * 2**30  # fits an 80 GB H100 with room for the allocator
 
 
+@slow
 def test_faults_progress_line_every_tenth_off_a_terminal():
     """bpe's progress display, redirected to a file: nothing for a short pass, else a line per 10% plus a final one,
     each with done/total MB, percent, MB/s and ETA (numbers checked against a pass that took a known time)."""
@@ -2924,6 +2945,7 @@ def _kernels_aot_problems(arch: int, row: dict) -> list[str]:
     return problems
 
 
+@slow
 def test_kernels_compile_ahead_of_time_sm80_sm90():
     """Every Triton kernel configuration the model can launch compiles for sm_80 and sm_90 without spills and
     within the arch's shared memory, with batch * heads on grid axis 0 (no GPU needed: see _KERNELS_AOT_SCRIPT)."""
@@ -3998,6 +4020,7 @@ def test_careless_sample_stdout_holds_only_samples():
     assert code == 0 and stdout.startswith("usage: python sample.py") and not err, (stdout, err)
 
 
+@slow
 def test_careless_sample_ctrl_c_from_another_directory_exits_130():
     with tempfile.TemporaryDirectory() as root:
         out = _careless_run(root)
@@ -4052,10 +4075,15 @@ def test_careless_readme_configuration_table_lists_every_key():
 # ----------------------------------------------------------------------------------------------------
 
 def main() -> int:
-    """Run every test_* function (or those whose name contains argv[1]); print failures with tracebacks. A test that
-    raises Skipped (an optional extra is absent) is reported as skipped, never as passed."""
+    """Run the test_* functions not marked @slow, or the @slow ones (argv[1] 'faults'), or those whose name contains
+    argv[1]; print failures with tracebacks. A test that raises Skipped (an optional extra is absent) is reported as
+    skipped, never as passed."""
     selected = sys.argv[1] if len(sys.argv) > 1 else ""
-    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn) and selected in name]
+    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
+    if selected == "faults" or not selected:
+        tests = [(name, fn) for name, fn in tests if getattr(fn, "slow", False) == (selected == "faults")]
+    else:
+        tests = [(name, fn) for name, fn in tests if selected in name]
     passed = failed = skipped = 0
     t_start = time.perf_counter()
     for name, fn in tests:
