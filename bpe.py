@@ -258,6 +258,18 @@ def atomic_write(path: str, mode: str = "w"):
             os.remove(tmp)
 
 
+def check_writable(what: str, folder: str) -> None:
+    """A one-line error naming what (e.g. 'out_dir=out/x') when folder, made if missing, could not be written: the
+    nearest folder of it that exists must be a directory you can write to. Checked before hours of work."""
+    existing = os.path.abspath(folder or ".")
+    while not os.path.exists(existing):  # the rest will be made in it
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{what} cannot be written: {existing} is a file, not a directory; pick another")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} cannot be written: {existing} is not a folder you can write to; pick another")
+
+
 # ----------------------------------------------------------------------------------------------- training
 
 def _count_chunk(text: str, special_tokens: tuple[str, ...], counts: collections.Counter) -> collections.Counter:
@@ -693,17 +705,8 @@ def _parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
     if int(options.get("num_workers", 0)) > os.cpu_count():  # each is a process: 1000 would fork 1000
         raise ValueError(f"--num_workers={options['num_workers']} is more than the {os.cpu_count()} cores here")
     for key in {"out_dir", "out"} & options.keys():  # now, not after the training or encoding
-        _check_writable(key, options[key])
+        check_writable(f"--{key}={options[key]}", options[key] if key == "out_dir" else os.path.dirname(options[key]))
     return command, options
-
-
-def _check_writable(key: str, path: str) -> None:
-    """A one-line error naming --key when path (a folder for out_dir, a file for out) cannot be written."""
-    folder = os.path.abspath(path if key == "out_dir" else os.path.dirname(path) or ".")
-    while not os.path.exists(folder):  # the nearest folder that exists: the rest will be made in it
-        folder = os.path.dirname(folder)
-    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-        raise ValueError(f"--{key}={path} cannot be written: {folder} is not a folder you can write to")
 
 
 def _refuse_overwrite(command: str, o: dict[str, str]) -> None:

@@ -205,11 +205,7 @@ def check_dtype(dtype: str) -> None:
 def check_target(path: str, force: bool) -> None:
     """path may be new, an empty directory, or (with force) an earlier export: a directory of an export's files
     alone, so that force never deletes a run, a repository or anything else a user keeps there."""
-    parent = os.path.dirname(path)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise NotADirectoryError(f"--to={path}: {parent} is a file, not a directory; pick another --to")
+    bpe.check_writable(f"--to={path}", os.path.dirname(path))
     if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
         return
     if not os.path.isdir(path) or not force:

@@ -374,17 +374,6 @@ def console(*args, **kwargs) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest of the run's lines go nowhere
 
 
-def check_out_dir(path: str) -> None:
-    """out_dir can be made and written: found out before data preparation and the first step, not at the end."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise NotADirectoryError(f"out_dir={path}: {existing} is a file, not a directory; pick another out_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"out_dir={path}: {existing} is not writable; pick another out_dir")
-
-
 def start_log(path: str, rows: list[dict]) -> None:
     """Write log.csv's header and the rows a resumed run keeps."""
     with open(path + ".tmp", "w", newline="") as f:
@@ -728,7 +717,7 @@ def start(cfg: dict, given: set) -> Run:
     dtype, dtype_why = pick_dtype(cfg["dtype"], dev)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores, as the MFU peak assumes
-    check_out_dir(cfg["out_dir"])
+    bpe.check_writable(f"out_dir={cfg['out_dir']}", cfg["out_dir"])  # before data preparation, not at the end
     source, source_name = read_source(cfg)
     flags = model_config(**model_flags(cfg, given, source and source["model_config"], source_name))
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
