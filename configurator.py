@@ -16,7 +16,7 @@ import re
 import sys
 import types
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 _INT_LIMIT = 2**63 - 1  # torch's int64: a larger int overflows deep inside torch (OverflowError, not our message)
 _NON_FINITE = ("nan", "inf", "infinity")  # what float() reads but ast.literal_eval does not
@@ -26,18 +26,19 @@ _ALIASES = {"learning_rate": "lr", "iters": "max_iters", "batch": "batch_size", 
             "gradient_accumulation_steps": "grad_accum_steps", "lr_decay_iters": "cosine_iters",
             "eval_iters": "eval_tokens"}  # nanoGPT's names, and eval_iters of train.py before eval_tokens
 
-def configure(defaults: dict, argv: list[str]) -> dict:
+def configure(defaults: dict, argv: list[str], echo: TextIO | None = None) -> dict:
     """defaults with the config files (positional) and --key=value overrides of argv applied, in order."""
-    return defaults | overrides(defaults, argv)
+    return defaults | overrides(defaults, argv, echo)
 
 
-def overrides(defaults: dict, argv: list[str]) -> dict:
+def overrides(defaults: dict, argv: list[str], echo: TextIO | None = None) -> dict:
     """The values argv sets: config files (positional) and --key=value overrides, applied in order; check every key.
 
     Override values are parsed with ast.literal_eval (a bare word stays a string); each value must match its default's
     type (an int is accepted for a float, true/false for a bool). Unknown keys and bad types raise a one-line
     ValueError naming the key. --help prints every key with its default and comment, then exits. A key a config file
     assigns counts as set even when it keeps the default's value: train.py refuses it if it contradicts init_from.
+    Each file and override is echoed to echo (None: stdout; sample.py keeps its stdout for the samples).
     """
     if "--help" in argv or "-h" in argv:
         print(_help(defaults))
@@ -50,13 +51,13 @@ def overrides(defaults: dict, argv: list[str]) -> dict:
                 raise ValueError(f"{arg}: overrides are written --key=value")
             check_known(key, defaults)
             given[key] = cfg[key] = typed(key, _parse(text, defaults[key]), defaults[key])
-            _echo(f"override: {key} = {cfg[key]!r}")
+            _echo(f"override: {key} = {cfg[key]!r}", echo)
         else:
             changed = {}
             for key, value in _run_config_file(arg, cfg).items():
                 check_known(key, defaults)
                 given[key] = changed[key] = cfg[key] = typed(key, value, defaults[key])
-            _echo(f"config {arg}: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+            _echo(f"config {arg}: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()), echo)
     return given
 
 
@@ -180,9 +181,9 @@ def _help(defaults: dict) -> str:
     return "\n".join(lines)
 
 
-def _echo(message: str) -> None:
+def _echo(message: str, file: TextIO | None) -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
-        print(message)
+        print(message, file=file)
 
 
 def run_cli(main: Callable[[list[str]], int | None]) -> NoReturn:

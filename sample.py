@@ -7,7 +7,6 @@
 The tokenizer and its special tokens are the run's, as its checkpoint records them; a sample stops at the first
 special token (the run's document separator), and a prompt may hold any of them.
 """
-import contextlib
 import os
 import sys
 import time
@@ -137,9 +136,7 @@ def load_model(ckpt_path: str, device: torch.device) -> tuple[TransformerLM, bpe
 
 
 def main(argv: list[str]) -> None:
-    help_asked = "--help" in argv or "-h" in argv
-    with contextlib.nullcontext() if help_asked else contextlib.redirect_stdout(sys.stderr):
-        cfg = configure(DEFAULTS, argv)  # the override echo goes to stderr: stdout holds only the samples
+    cfg = configure(DEFAULTS, argv, echo=sys.stderr)  # stdout holds only the samples (and --help)
     for key in ("max_new_tokens", "num_samples"):
         if cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]} is not allowed; use a count of at least 1")
