@@ -55,6 +55,15 @@ def read_checkpoint(src: str | os.PathLike | BinaryIO) -> dict:
     return ckpt
 
 
+def read_model_checkpoint(src: str, fix: str) -> dict:
+    """read_checkpoint of a TransformerLM's checkpoint, which records the model_config to rebuild the model from
+    (sample.py, export.py and train.py's init_from); a bare save_checkpoint of another module is refused, with fix."""
+    ckpt = read_checkpoint(src)
+    if "model_config" not in ckpt:
+        raise ValueError(f"{src} is not a train.py TransformerLM checkpoint (no model_config); {fix}")
+    return ckpt
+
+
 def state_dict_mismatch(want: dict, got: dict, most: int = 3) -> str:
     """'' when got fits want key for key and shape for shape; else the first few missing, unexpected, misshapen."""
     def first(names: list[str]) -> str:

@@ -11,7 +11,7 @@ import time
 import bpe
 import hf
 import train
-from checkpoint import checkpoint_tokenizer, read_checkpoint
+from checkpoint import checkpoint_tokenizer, read_model_checkpoint
 from configurator import configure, run_cli
 from model import model_config
 
@@ -30,9 +30,7 @@ def main(argv: list[str]) -> None:
     hf.check_dtype(cfg["dtype"])
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     t0 = time.perf_counter()
-    ckpt = read_checkpoint(ckpt_path)
-    if "model_config" not in ckpt:
-        raise ValueError(f"{ckpt_path} holds no model_config: not a TransformerLM checkpoint of train.py")
+    ckpt = read_model_checkpoint(ckpt_path, "export a checkpoint train.py wrote")
     try:
         hf.check_exportable(model_config(**ckpt["model_config"]))  # refuse unsupported flags before building anything
     except TypeError as e:

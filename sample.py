@@ -17,7 +17,7 @@ from torch import Tensor
 import bpe
 import hf
 import train
-from checkpoint import checkpoint_tokenizer
+from checkpoint import checkpoint_tokenizer, read_model_checkpoint
 from configurator import configure, run_cli
 from model import TransformerLM, softmax
 
@@ -118,10 +118,8 @@ def time_decoding(model: TransformerLM, prompt_ids: list[int], max_new_tokens: i
 
 def load_model(ckpt_path: str, device: torch.device) -> tuple[TransformerLM, bpe.Tokenizer]:
     """Rebuild the model of a train.py checkpoint on device, in eval mode, and load its run's tokenizer."""
-    ckpt = train.read_checkpoint(ckpt_path)  # FileNotFoundError, or a one-line ValueError for a damaged file
-    if "model_config" not in ckpt:  # a bare save_checkpoint of another module
-        raise ValueError(f"{ckpt_path} is not a train.py TransformerLM checkpoint (no model_config); sample a "
-                         "checkpoint train.py wrote, or a Hugging Face directory with --init_from=hf:PATH")
+    ckpt = read_model_checkpoint(ckpt_path, "sample a checkpoint train.py wrote, or a Hugging Face directory with "
+                                            "--init_from=hf:PATH")  # or one line for a missing or damaged file
     try:
         model = TransformerLM(**ckpt["model_config"])
     except TypeError as e:

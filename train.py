@@ -33,7 +33,7 @@ import torch.distributed as dist
 import bpe
 import data
 from bpe import atomic_write, hms
-from checkpoint import checkpoint_tokenizer, load_checkpoint, read_checkpoint, save_checkpoint
+from checkpoint import checkpoint_tokenizer, load_checkpoint, read_checkpoint, read_model_checkpoint, save_checkpoint
 from configurator import check_known, configure, overrides, run_cli, typed
 from model import KERNEL_OPS, MODEL_KEYS, TransformerLM, accounting, format_preflight, model_config
 from optim import AdamW, clip_grad_norm, cosine_lr
@@ -180,11 +180,9 @@ def read_source(cfg: dict) -> tuple[dict | None, str]:
         raise ValueError(f"init_from={path} is this run's own out_dir/ckpt.pt, which the new run would replace at "
                          "step 0; pick another out_dir")
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = read_model_checkpoint(path, "start from a train.py run's ckpt.pt, or hf:DIR")
     except (ValueError, OSError) as e:
         raise ValueError(f"init_from={path}: {e}") from None
-    if "model_config" not in ckpt:
-        raise ValueError(f"init_from={path} holds no model_config (not a TransformerLM checkpoint of train.py)")
     try:
         tokenizer_dir = checkpoint_tokenizer(ckpt, path)[0]
     except FileNotFoundError as e:
