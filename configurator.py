@@ -186,6 +186,11 @@ def _echo(message: str, file: TextIO | None) -> None:
         print(message, file=file)
 
 
+def silence_stdout() -> None:
+    """Point stdout at /dev/null: its reader has gone (a closed pipe), and what is still printed goes nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run_cli(main: Callable[[list[str]], int | None]) -> NoReturn:
     """Run main(sys.argv[1:]) as a command and exit with its return value (None = 0). An error a user can cause
     (ValueError, OSError, out of memory) prints `error: <message>` and exits 2; Ctrl-C prints `interrupted` (with
@@ -201,7 +206,7 @@ def run_cli(main: Callable[[list[str]], int | None]) -> NoReturn:
             print("interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # `python sample.py | head`: the reader left, nothing to report
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        silence_stdout()  # no second error when Python flushes stdout
         sys.exit(1)
     except Exception as e:
         out_of_memory = isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)

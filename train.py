@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from typing import Callable
@@ -34,7 +33,7 @@ import bpe
 import data
 from bpe import atomic_write, hms
 from checkpoint import checkpoint_tokenizer, load_checkpoint, read_checkpoint, read_model_checkpoint, save_checkpoint
-from configurator import check_known, configure, overrides, run_cli, typed
+from configurator import check_known, configure, overrides, run_cli, silence_stdout, typed
 from model import KERNEL_OPS, MODEL_KEYS, TransformerLM, accounting, format_preflight, model_config
 from optim import AdamW, clip_grad_norm, cosine_lr
 
@@ -369,7 +368,7 @@ def console(*args, **kwargs) -> None:
     try:
         print(*args, **kwargs, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest of the run's lines go nowhere
+        silence_stdout()  # the run goes on; its console lines go nowhere
 
 
 def start_log(path: str, rows: list[dict]) -> None:
