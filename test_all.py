@@ -1432,6 +1432,12 @@ def _quiet_main(cfg):
     return result, out.getvalue()
 
 
+def _tree_digest(root):
+    """{path under root: its bytes' sha256} for every file below root: to check that nothing was touched."""
+    return {os.path.relpath(os.path.join(d, n), root): hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest()
+            for d, _, names in os.walk(root) for n in names}
+
+
 def _error_of(fn):
     """The one-line ValueError/OSError message fn raises (fails the test if it raises nothing)."""
     try:
@@ -1687,17 +1693,14 @@ def test_failing_run_leaves_the_previous_out_dir_byte_for_byte():
     with tempfile.TemporaryDirectory() as root:
         cfg = _pipeline_cfg(root, max_iters=2)
         _quiet_main(cfg)
-
-        def snapshot():
-            return {name: open(os.path.join(cfg["out_dir"], name), "rb").read() for name in os.listdir(cfg["out_dir"])}
-        before = snapshot()
+        before = _tree_digest(cfg["out_dir"])
         short = os.path.join(root, "short.bin")
         np.arange(10, dtype="<u2").tofile(short)
         for bad, named in (({"val_data": short}, "val_data"), ({"train_data": short}, "train_data"),
                            ({"init_from": os.path.join(root, "missing.pt")}, "missing.pt"),
                            ({"eval_tokens": 3}, "eval_tokens"), ({"d_model": 15}, "d_model")):
             assert named in _error_of(lambda: train.main(dict(cfg, **bad))), bad
-            assert snapshot() == before, bad
+            assert _tree_digest(cfg["out_dir"]) == before, bad
 
 
 @slow
@@ -3523,12 +3526,6 @@ def _hf_error(fn, *args) -> str:
         assert "\n" not in str(e), str(e)
         return str(e)
     raise AssertionError(f"{fn.__name__}{args} did not refuse")
-
-
-def _tree_digest(root):
-    """{path under root: its bytes' sha256} for every file below root: to check that nothing was touched."""
-    return {os.path.relpath(os.path.join(d, n), root): hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest()
-            for d, _, names in os.walk(root) for n in names}
 
 
 def test_hf_init_from_fine_tunes_an_imported_model_with_its_tokenizer():
