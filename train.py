@@ -731,6 +731,7 @@ def start(cfg: dict, given: set) -> Run:
     if 0 < cfg["eval_tokens"] < cfg["context_length"]:  # checked here, where context_length is the model's
         raise ValueError(f"eval_tokens={cfg['eval_tokens']} is not allowed; use 0 (the whole file) or at least one "
                          f"window (context_length={cfg['context_length']})")
+    check_fits(cfg, flags, dev)
     imported = source and source["tokenizer"]  # its vocabulary may be smaller than the model's (padded) embedding
     if imported and cfg["special_tokens"] == DEFAULTS["special_tokens"]:
         cfg["special_tokens"] = tuple(imported.special_ids)  # an imported model's own
@@ -738,7 +739,6 @@ def start(cfg: dict, given: set) -> Run:
     if new_tokenizer is not None and rank == 0:
         os.makedirs(cfg["tokenizer_dir"], exist_ok=True)
         new_tokenizer.save(*(os.path.join(cfg["tokenizer_dir"], f) for f in ("vocab.json", "merges.txt")))
-    check_fits(cfg, flags, dev)
     bins = prepare_data(cfg, rank, world, prep_group, imported.vocab_size if imported else cfg["vocab_size"])
     tokens = [data.load_tokens(path, cfg["vocab_size"]) for path in bins]
     val_starts = check_lengths(cfg, bins, tokens)
